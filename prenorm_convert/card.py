@@ -1,0 +1,84 @@
+"""The model card (README.md) written into every converted folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+REPORT_ROWS = (
+    ("max abs Δlogit", "max_abs_logit_diff", "{:.3e}"),
+    ("max abs Δlogit / logit scale", "relative_max_abs_logit_diff", "{:.3e}"),
+    ("mean abs Δlogit", "mean_abs_logit_diff", "{:.3e}"),
+    ("max KL divergence", "max_kl_divergence", "{:.3e}"),
+    ("top-1 agreement", "top1_agreement", "{:.4f}"),
+    ("residual mean / RMS (max)", "residual_mean_max", "{:.3e}"),
+    ("parameters (original)", "params_original", "{:,}"),
+    ("parameters (converted)", "params_converted", "{:,}"),
+    ("dtype", "dtype", "{}"),
+)
+
+
+def report_rows(report: dict) -> list[tuple[str, str]]:
+    rows = [(label, fmt.format(report[key])) for label, key, fmt in REPORT_ROWS]
+    greedy = report["greedy_match"]
+    rows.append(("greedy generation", f"{'identical' if greedy['identical'] else 'DIFFERENT'} ({greedy['tokens_compared']} tokens)"))
+    rows.append(("passed", "yes" if report["passed"] else "NO: " + "; ".join(report["failures"])))
+    return rows
+
+
+def loading_instructions(config: dict) -> str:
+    block = config["prenorm"]
+    lines = [
+        "```python",
+        "from transformers import AutoModelForCausalLM",
+        'model = AutoModelForCausalLM.from_pretrained("PATH_OR_REPO", trust_remote_code=True)',
+        "```",
+    ]
+    if block["requires_remote_code"]:
+        reasons = []
+        if block["fold_affine"]:
+            reasons.append("the norms' affine parameters are folded into the linears (weightless RMSNorm)")
+        if block["removed"]:
+            reasons.append(f"{', '.join(block['removed'])} was baked into the embedding table")
+        if block["target"] == "crmsnorm":
+            reasons.append(f"the residual stream is {block['residual_width']} wide instead of {block['hidden_size']}")
+        lines.append(
+            "\n`trust_remote_code=True` is required: " + "; ".join(reasons or ["the architecture changed"]) + "."
+        )
+    else:
+        lines.append(
+            "\nWithout `trust_remote_code` the same folder loads as the stock class with LayerNorm modules and "
+            "computes the same function (LayerNorm of a zero-mean input is RMSNorm)."
+        )
+    return "\n".join(lines)
+
+
+def write_model_card(folder: Path, config: dict, plan, report: dict | None, command: str | None) -> None:
+    block = config["prenorm"]
+    front = {
+        "library_name": "transformers",
+        "base_model": block["source"],
+        "tags": ["prenorm-convert", block["target"], block["family"]],
+    }
+    parts = [
+        "---\n" + yaml.safe_dump(front, sort_keys=False) + "---",
+        f"# {block['family']} converted to Pre-{'RMSNorm' if block['target'] == 'rmsnorm' else 'CRMSNorm'}",
+        f"Converted from `{block['source']}` by prenorm-convert {block['converter_version']} "
+        f"(target `{block['target']}`, fold affine: {block['fold_affine']}). The residual stream is zero-mean and "
+        "every LayerNorm is replaced by an equivalent norm (Jiang et al., NeurIPS 2023).",
+        "## Loading\n" + loading_instructions(config),
+    ]
+    if block["untied_head"]:
+        parts.append(
+            f"The LM head was untied from the embedding (it keeps the original table, the embedding is centered): "
+            f"{plan.params_converted - plan.params_original:+,} parameters."
+        )
+    if report is not None:
+        table = "\n".join(f"| {label} | {value} |" for label, value in report_rows(report))
+        parts.append("## Equivalence report\n| metric | value |\n|---|---|\n" + table)
+    else:
+        parts.append("## Equivalence report\nNot verified (`--no-verify`). Run `prenorm-convert verify ORIGINAL THIS_FOLDER`.")
+    if command:
+        parts.append(f"## Conversion command\n```\n{command}\n```")
+    (folder / "README.md").write_text("\n\n".join(parts) + "\n")

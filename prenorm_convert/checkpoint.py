@@ -1,0 +1,211 @@
+"""Source checkpoints: find config and weights, cross-check them, read tensors lazily."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .errors import BadInputError, CorruptCheckpointError
+from .safetensors_io import DTYPE_NAMES, DTYPES, StoredTensor, read_header, read_tensor
+
+SAFE_INDEX = "model.safetensors.index.json"
+SAFE_SINGLE = "model.safetensors"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+PICKLE_SINGLE = "pytorch_model.bin"
+# files a conversion rewrites (or must not carry over); every other top-level file is copied as-is
+_NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf")
+_NOT_COPIED_NAMES = {"config.json", SAFE_INDEX, PICKLE_INDEX, "README.md", "conversion_report.json", "modeling_prenorm.py"}
+
+
+class SourceCheckpoint:
+    """A local transformers checkpoint: its config and a lazy view of its weights."""
+
+    def __init__(self, path: Path, config: dict, tensors: dict[str, StoredTensor], pickled: bool):
+        self.path = path
+        self.config = config
+        self.tensors = tensors
+        self.pickled = pickled
+        self._handles: dict[Path, object] = {}
+
+    # -- opening -------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | os.PathLike, allow_pickle: bool = False) -> "SourceCheckpoint":
+        path = Path(path)
+        if not path.exists():
+            raise BadInputError(f"'{path}' does not exist; pass a checkpoint folder (holding config.json and weights)")
+        if not path.is_dir():
+            raise BadInputError(f"'{path}' is a file, not a checkpoint folder; pass the folder that holds config.json")
+        config = read_config(path)
+        if "prenorm" in config:
+            target = config["prenorm"].get("target", "?")
+            raise BadInputError(
+                f"'{path}' was already converted by prenorm-convert (target {target}); convert the original checkpoint instead"
+            )
+        if (path / SAFE_INDEX).exists() or (path / SAFE_SINGLE).exists():
+            return cls(path, config, _safetensors_tensors(path), pickled=False)
+        if (path / PICKLE_INDEX).exists() or (path / PICKLE_SINGLE).exists():
+            if not allow_pickle:
+                raise BadInputError(
+                    f"'{path}' stores its weights as pickled *.bin files, which can run code when loaded; "
+                    "re-save them as safetensors, or pass --allow-pickle to load them with torch.load(weights_only=True)"
+                )
+            return cls(path, config, _pickle_tensors(path), pickled=True)
+        raise BadInputError(f"'{path}' holds no weights (no {SAFE_SINGLE}, {SAFE_INDEX} or {PICKLE_SINGLE}); is the download complete?")
+
+    # -- reading -------------------------------------------------------------------------
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor, as stored (a positioned read of its bytes; nothing else is loaded)."""
+        info = self.tensors[name]
+        if info.file not in self._handles:
+            self._handles[info.file] = _load_pickle(info.file) if self.pickled else open(info.file, "rb")
+        handle = self._handles[info.file]
+        return handle[name] if self.pickled else read_tensor(handle, info)
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            if hasattr(handle, "close"):
+                handle.close()
+        self._handles.clear()
+
+    def side_files(self) -> list[Path]:
+        """Tokenizer, generation config and other files copied unchanged into the output."""
+        return sorted(
+            entry
+            for entry in self.path.iterdir()
+            if entry.is_file()
+            and not entry.name.startswith(".")
+            and entry.name not in _NOT_COPIED_NAMES
+            and not entry.name.endswith(_NOT_COPIED_SUFFIXES)
+        )
+
+    @property
+    def weight_bytes(self) -> int:
+        total = 0
+        for info in self.tensors.values():
+            numel = 1
+            for dim in info.shape:
+                numel *= dim
+            total += numel * torch.empty((), dtype=_torch_dtype(info.dtype)).element_size()
+        return total
+
+    def stored_dtype(self) -> torch.dtype:
+        """The dtype most floating-point weights are stored in."""
+        sizes: dict[str, int] = {}
+        for info in self.tensors.values():
+            if _torch_dtype(info.dtype).is_floating_point:
+                numel = 1
+                for dim in info.shape:
+                    numel *= dim
+                sizes[info.dtype] = sizes.get(info.dtype, 0) + numel
+        if not sizes:
+            return torch.float32
+        return _torch_dtype(max(sizes, key=sizes.get))
+
+
+def read_config(path: Path) -> dict:
+    config_path = path / "config.json"
+    if not config_path.exists():
+        raise BadInputError(f"'{path}' is not a transformers checkpoint: it has no config.json")
+    try:
+        config = json.loads(config_path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadInputError(f"'{config_path}' is not valid JSON ({exc}); re-download the checkpoint") from exc
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise BadInputError(f"'{config_path}' has no model_type, so it is not a transformers model config")
+    return config
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    return DTYPES[name]
+
+
+def _safetensors_tensors(path: Path) -> dict[str, StoredTensor]:
+    index_path = path / SAFE_INDEX
+    if not index_path.exists():
+        return read_header(path / SAFE_SINGLE)
+    try:
+        weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CorruptCheckpointError(f"{SAFE_INDEX} is not a valid index (no weight_map); re-download it") from exc
+    headers: dict[str, dict[str, StoredTensor]] = {}
+    for file_name in sorted(set(weight_map.values())):
+        shard = path / file_name
+        if not shard.exists():
+            raise CorruptCheckpointError(f"{SAFE_INDEX} refers to shard {file_name}, which is missing; re-download it")
+        headers[file_name] = read_header(shard)
+    tensors = {}
+    for name, file_name in weight_map.items():
+        if name not in headers[file_name]:
+            raise CorruptCheckpointError(
+                f"{SAFE_INDEX} says tensor '{name}' is in {file_name}, but that shard does not hold it; "
+                "the index and shards are from different versions: re-download the checkpoint"
+            )
+        tensors[name] = headers[file_name][name]
+    return tensors
+
+
+def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:
+        # legacy (non-zip) pickles cannot be memory-mapped
+        try:
+            return torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CorruptCheckpointError(f"{file.name} cannot be loaded safely ({exc})") from exc
+    except Exception as exc:
+        raise CorruptCheckpointError(f"{file.name} cannot be loaded with weights_only=True ({exc})") from exc
+
+
+def _pickle_tensors(path: Path) -> dict[str, StoredTensor]:
+    index_path = path / PICKLE_INDEX
+    if index_path.exists():
+        files = sorted(set(json.loads(index_path.read_text())["weight_map"].values()))
+    else:
+        files = [PICKLE_SINGLE]
+    tensors = {}
+    for file_name in files:
+        file = path / file_name
+        if not file.exists():
+            raise CorruptCheckpointError(f"{PICKLE_INDEX} refers to {file_name}, which is missing; re-download it")
+        for name, tensor in _load_pickle(file).items():
+            tensors[name] = StoredTensor(name, DTYPE_NAMES[tensor.dtype], tuple(tensor.shape), file)
+    return tensors
+
+
+# -- output folder --------------------------------------------------------------------------
+
+
+@contextmanager
+def atomic_output_dir(out: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary sibling of OUT; on success it replaces OUT, on any failure it vanishes.
+
+    An existing OUT is untouched unless everything succeeded and overwrite was asked for.
+    """
+    out = Path(out).absolute()
+    if out.exists() and not overwrite:
+        raise BadInputError(f"'{out}' already exists; pass --overwrite to replace it, or choose another output folder")
+    if out.exists() and not out.is_dir():
+        raise BadInputError(f"'{out}' exists and is not a folder; remove it or choose another output folder")
+    if not out.parent.exists():
+        raise BadInputError(f"the parent folder of '{out}' does not exist; create it first")
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if out.exists():
+        retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, retired / out.name)
+        os.replace(staging, out)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(staging, out)

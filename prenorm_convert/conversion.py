@@ -1,0 +1,186 @@
+"""The conversion: open, match a spec, plan, stream every tensor through its rewrite, verify."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import OrderedDict
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .card import write_model_card
+from .checkpoint import SourceCheckpoint, atomic_output_dir
+from .errors import BadInputError, VerificationFailed
+from .plan import ConversionPlan, make_plan, parse_dtype
+from .progress import SILENT, Reporter
+from .safetensors_io import OutputTensor, StreamingShardWriter
+from .spec import match_spec
+from .transform import STEPS
+from .verification import Tolerances, verify
+
+REMOTE_CODE_FILE = "modeling_prenorm.py"
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+
+
+@dataclass
+class ConversionResult:
+    out: Path
+    plan: ConversionPlan
+    report: dict | None
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB', '500MB', '2GiB' or a byte count -> bytes."""
+    if isinstance(text, int):
+        return text
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    stripped = text.strip().upper()
+    number = stripped.rstrip("KMGIB")
+    unit = stripped[len(number):]
+    try:
+        value = int(float(number) * units[unit])
+    except (ValueError, KeyError):
+        raise BadInputError(f"--max-shard-size must look like 5GB, 500MB or 2GiB, got '{text}'") from None
+    if value <= 0:
+        raise BadInputError(f"--max-shard-size must be positive, got '{text}'")
+    return value
+
+
+class _RecentTensors:
+    """The last few float64 inputs: a reader's weight is read for its weight and again for its folded bias."""
+
+    def __init__(self, source: SourceCheckpoint, size: int = 2):
+        self.source, self.size = source, size
+        self.cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def get(self, key: str) -> torch.Tensor:
+        if key in self.cache:
+            self.cache.move_to_end(key)
+            return self.cache[key]
+        tensor = self.source.read(key).to(torch.float64)
+        self.cache[key] = tensor
+        if len(self.cache) > self.size:
+            self.cache.popitem(last=False)
+        return tensor
+
+
+def run_op(op, tensors: _RecentTensors) -> torch.Tensor:
+    """Execute one plan entry in float64 and cast once to the output dtype (MATH.md "Numerics")."""
+    value = None
+    for index, (name, params) in enumerate(op.steps):
+        if index == 0:
+            value = STEPS[name](**{arg: tensors.get(key) for arg, key in op.inputs.items()}, **params)
+        else:
+            value = STEPS[name](value, **params)
+    return value.to(op.dtype)
+
+
+def converted_config(source: SourceCheckpoint, plan: ConversionPlan, source_name: str, revision: str | None) -> dict:
+    config = dict(source.config)
+    spec = plan.spec
+    model_type = config["model_type"]
+    if plan.untied_head:
+        config[spec.config_keys["tie_word_embeddings"]] = False
+    config.pop("torch_dtype", None)
+    config["dtype"] = str(plan.out_dtype).removeprefix("torch.")
+    auto_map = {"AutoModelForCausalLM": f"modeling_prenorm.Prenorm{plan.base_model_class}"}
+    if plan.requires_remote_code:
+        auto_map["AutoConfig"] = f"modeling_prenorm.Prenorm{plan.base_config_class}"
+        config["model_type"] = "prenorm_" + model_type
+    config["auto_map"] = auto_map
+    config["prenorm"] = {
+        "target": plan.target,
+        "fold_affine": plan.fold_affine,
+        "family": spec.family,
+        "source": source_name,
+        "source_revision": revision,
+        "source_model_type": model_type,
+        "converter": "prenorm-convert",
+        "converter_version": __version__,
+        "hidden_size": plan.hidden_size,
+        "residual_width": plan.hidden_size - 1 if plan.target == "crmsnorm" else plan.hidden_size,
+        "untied_head": plan.untied_head,
+        "requires_remote_code": plan.requires_remote_code,
+        "norms": plan.norms,
+        "biased": plan.biased,
+        "removed": plan.removed,
+    }
+    return config
+
+
+def write_weights(source: SourceCheckpoint, plan: ConversionPlan, folder: Path, max_shard_bytes: int, reporter: Reporter) -> list[str]:
+    outputs = [OutputTensor(op.name, op.dtype, op.shape) for op in plan.ops]
+    writer = StreamingShardWriter(folder, outputs, max_shard_bytes)
+    tensors = _RecentTensors(source)
+    try:
+        for op in reporter.track(plan.ops, "rewriting tensors", total=len(plan.ops)):
+            writer.write(op.name, run_op(op, tensors))
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.file_names
+
+
+def copy_side_files(source: SourceCheckpoint, folder: Path) -> list[str]:
+    copied = []
+    for path in source.side_files():
+        shutil.copy2(path, folder / path.name)
+        copied.append(path.name)
+    return copied
+
+
+def write_remote_code(folder: Path) -> None:
+    code = resources.files("prenorm_convert").joinpath("modeling.py").read_text()
+    (folder / REMOTE_CODE_FILE).write_text(code)
+
+
+def convert(
+    src: str | Path,
+    out: str | Path,
+    *,
+    target: str = "rmsnorm",
+    fold_affine: bool = False,
+    dtype: str = "auto",
+    overwrite: bool = False,
+    verify_output: bool = True,
+    allow_pickle: bool = False,
+    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
+    tolerances: Tolerances | None = None,
+    prompts_file: str | Path | None = None,
+    command: str | None = None,
+    reporter: Reporter = SILENT,
+) -> ConversionResult:
+    """Convert the Pre-LN checkpoint in SRC into OUT. Raises VerificationFailed (after writing OUT) when
+    the converted model does not match; any other error leaves nothing behind."""
+    out = Path(out)
+    out_dtype = parse_dtype(dtype)
+    max_shard_bytes = parse_size(max_shard_size)
+    if out.exists() and not overwrite:
+        raise BadInputError(f"'{out}' already exists; pass --overwrite to replace it, or choose another output folder")
+    source = SourceCheckpoint.open(src, allow_pickle=allow_pickle)
+    spec = match_spec(source.config)
+    with reporter.step(f"planning the {target} conversion of a {spec.family} checkpoint"):
+        plan = make_plan(source, spec, target=target, fold_affine=fold_affine, dtype=out_dtype)
+    if Path(src).absolute() == out.absolute():
+        raise BadInputError("OUT must differ from SRC; the original checkpoint is never modified")
+    report = None
+    with atomic_output_dir(out, overwrite) as staging:
+        write_weights(source, plan, staging, max_shard_bytes, reporter)
+        source.close()
+        config = converted_config(source, plan, str(src), None)
+        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        copy_side_files(source, staging)
+        write_remote_code(staging)
+        if verify_output:
+            report = verify(src, staging, tolerances=tolerances, prompts_file=prompts_file, reporter=reporter)
+            (staging / "conversion_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_model_card(staging, config, plan, report, command)
+    result = ConversionResult(out, plan, report)
+    if report is not None and not report["passed"]:
+        raise VerificationFailed("verification failed: " + "; ".join(report["failures"]), report)
+    return result

@@ -1,0 +1,112 @@
+"""Small, offline example checkpoints (the demo and the tests build them here).
+
+Random init leaves LayerNorm γ=1, β=0 and zero biases, which hides folding bugs, so every
+parameter is perturbed: γ far from 1, β, linear biases and embedding row means far from 0.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+TRAINING_TEXT = """
+The quick brown fox jumps over the lazy dog. Pre-LayerNorm transformers normalise every branch input.
+In 1905, Albert Einstein published four papers that changed physics: the photoelectric effect,
+Brownian motion, special relativity and mass-energy equivalence. def fibonacci(n): return n if n < 2
+else fibonacci(n - 1) + fibonacci(n - 2). Les modèles de langage apprennent à prédire le mot suivant.
+Q: What is 17 times 23? A: 391. Once upon a time, in a village by the sea, there lived a fisherman.
+SELECT name, count(*) FROM users GROUP BY name ORDER BY 2 DESC; The residual stream is zero-mean.
+"""
+
+SHAPES = {
+    "gpt2": {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 128},
+}
+
+
+def build_tokenizer(folder: Path, vocab_size: int = 384):
+    """A byte-level BPE tokenizer trained on a few built-in sentences (no download)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    trainer = ByteLevelBPETokenizer()
+    trainer.train_from_iterator([TRAINING_TEXT] * 4, vocab_size=vocab_size, min_frequency=1, special_tokens=["<|endoftext|>"], show_progress=False)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=trainer, bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    tokenizer.save_pretrained(str(folder))
+    return tokenizer
+
+
+@torch.no_grad()
+def perturb(model: torch.nn.Module, seed: int) -> None:
+    """Make every LayerNorm, bias and embedding mean non-trivial (deterministically)."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def noise(shape, scale):
+        return torch.randn(shape, generator=generator) * scale
+
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            if module.weight is not None:
+                module.weight.copy_(1.0 + noise(module.weight.shape, 0.4))
+            if module.bias is not None:
+                module.bias.copy_(noise(module.bias.shape, 0.3))
+        elif isinstance(module, torch.nn.Embedding):
+            rows, width = module.weight.shape
+            module.weight.add_(noise((rows, 1), 0.3) + noise((1, width), 0.2) + 0.5)
+        elif getattr(module, "bias", None) is not None and isinstance(module.bias, torch.nn.Parameter):
+            module.bias.copy_(noise(module.bias.shape, 0.1))
+
+
+def build_checkpoint(
+    folder: str | Path,
+    family: str = "gpt2",
+    *,
+    seed: int = 0,
+    overrides: dict | None = None,
+    dtype: torch.dtype = torch.float32,
+    max_shard_size: str = "100KB",
+    tokenizer: bool = True,
+    tie_word_embeddings: bool = True,
+):
+    """Write a tiny random-but-non-trivial checkpoint of `family` to `folder` with save_pretrained."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab_size, special = 384, {}
+    if tokenizer:
+        built = build_tokenizer(folder)
+        vocab_size = len(built)
+        special = {"bos_token_id": built.bos_token_id, "eos_token_id": built.eos_token_id}
+    settings = {**SHAPES[family], "vocab_size": vocab_size, "tie_word_embeddings": tie_word_embeddings, **special, **(overrides or {})}
+    config = transformers.AutoConfig.for_model(family, **settings)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    perturb(model, seed)
+    model.to(dtype)
+    model.save_pretrained(str(folder), max_shard_size=max_shard_size)
+    return model.eval()
+
+
+def strip_prefix(folder: str | Path, prefix: str, extra: dict[str, torch.Tensor] | None = None) -> None:
+    """Rewrite a saved checkpoint in the older key style (keys without `prefix`), adding `extra`
+    tensors (e.g. GPT-2's `h.N.attn.bias` causal-mask buffers) as the original uploads have them."""
+    folder = Path(folder)
+    index_path = folder / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index_path.read_text())["weight_map"].values())) if index_path.exists() else ["model.safetensors"]
+    weight_map = {}
+    for position, file_name in enumerate(files):
+        with safe_open(str(folder / file_name), framework="pt") as handle:
+            tensors = {key.removeprefix(prefix): handle.get_tensor(key) for key in handle.keys()}
+        if position == 0 and extra:
+            tensors.update(extra)
+        save_file(tensors, str(folder / file_name), metadata={"format": "pt"})
+        weight_map.update({key: file_name for key in tensors})
+    if index_path.exists():
+        index = json.loads(index_path.read_text())
+        index["weight_map"] = weight_map
+        index_path.write_text(json.dumps(index, indent=2))

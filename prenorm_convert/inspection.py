@@ -1,0 +1,95 @@
+"""`inspect` and `families`: what a conversion would do, and what the tool supports. Writes nothing."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from .checkpoint import SourceCheckpoint
+from .plan import make_plan, parse_dtype
+from .spec import load_not_convertible, load_specs, match_spec
+
+STEP_WORDS = {
+    "center_rows": "center rows",
+    "center_writer_weight": "center output columns",
+    "center_vector": "center",
+    "fold_gamma": "fold γ",
+    "fold_beta": "fold β",
+    "bake_layernorm": "bake the stem LayerNorm",
+    "drop_last_feature": "drop last feature",
+    "drop_last_output": "drop last output",
+    "merge_last_input": "merge last input column",
+}
+
+
+def describe(src: str | Path, target: str = "rmsnorm", fold_affine: bool = False, dtype: str = "auto", allow_pickle: bool = False) -> dict:
+    source = SourceCheckpoint.open(src, allow_pickle=allow_pickle)
+    spec = match_spec(source.config)
+    plan = make_plan(source, spec, target=target, fold_affine=fold_affine, dtype=parse_dtype(dtype))
+    changes = Counter()
+    for op in plan.ops:
+        words = [STEP_WORDS[name] for name, _ in op.steps if name != "identity"]
+        if words:
+            changes[f"{op.role}: {', '.join(words)}"] += 1
+    width = plan.hidden_size - 1 if target == "crmsnorm" else plan.hidden_size
+    return {
+        "source": str(src),
+        "family": spec.family,
+        "model_type": source.config.get("model_type"),
+        "architectures": source.config.get("architectures"),
+        "hidden_size": plan.hidden_size,
+        "residual_width": width,
+        "num_layers": plan.num_layers,
+        "tied_head": plan.untied_head,
+        "stored_dtype": str(plan.source_dtype).removeprefix("torch."),
+        "output_dtype": str(plan.out_dtype).removeprefix("torch."),
+        "target": target,
+        "fold_affine": plan.fold_affine,
+        "tensors_in": len(source.tensors),
+        "tensors_out": len(plan.ops),
+        "dropped": plan.dropped,
+        "params_original": plan.params_original,
+        "params_converted": plan.params_converted,
+        "input_bytes": source.weight_bytes,
+        "output_bytes": plan.output_bytes,
+        "norms_replaced": len(plan.norms),
+        "biases_added": plan.biased,
+        "modules_removed": plan.removed,
+        "changes": dict(changes),
+        "requires_remote_code": plan.requires_remote_code,
+        "notes": _notes(plan),
+    }
+
+
+def _notes(plan) -> list[str]:
+    notes = []
+    if plan.untied_head:
+        notes.append(
+            f"the tied head is untied: {plan.spec.head} keeps the original embedding "
+            f"(+{plan.params_converted - plan.params_original:,} parameters)"
+        )
+    if plan.requires_remote_code:
+        notes.append("the output needs trust_remote_code=True to load (modeling_prenorm.py is written beside the weights)")
+    else:
+        notes.append("the output also loads without remote code, as the stock class with LayerNorms, with identical outputs")
+    return notes
+
+
+def families() -> list[dict]:
+    rows = []
+    for spec in load_specs():
+        rows.append(
+            {
+                "family": spec.family,
+                "description": spec.description,
+                "model_types": list(spec.model_types),
+                "architectures": list(spec.architectures),
+                "refuses": [f"{rule.config_key}={rule.equals}: {rule.why}" for rule in spec.refuse],
+                "stem_norms": [stem.norm for stem in spec.stem_norms],
+            }
+        )
+    return rows
+
+
+def not_convertible() -> dict[str, str]:
+    return load_not_convertible()

@@ -1,0 +1,376 @@
+"""Spec + checkpoint -> the list of tensor operations a conversion performs.
+
+The plan is pure data: ``inspect`` prints it, ``convert`` executes it. Names are those of the
+instantiated transformers model (built on the meta device, so nothing is allocated), and the
+model tree is checked against the spec before anything is planned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .checkpoint import SourceCheckpoint
+from .errors import BadInputError, CorruptCheckpointError, SpecError, UnsupportedModelError
+from .safetensors_io import DTYPES
+from .spec import FamilySpec, expand, expand_group
+from .transform import STEPS
+
+TARGETS = ("rmsnorm", "crmsnorm")
+# stem-norm hooks a spec may name (MATH.md "norm on the main branch itself")
+STEM_HOOKS = {"bake_layernorm"}
+
+
+@dataclass(frozen=True)
+class TensorOp:
+    """Write ``name``: read ``inputs`` (arg -> stored key), apply ``steps`` in float64, cast to ``dtype``."""
+
+    name: str
+    role: str
+    inputs: dict[str, str]
+    steps: tuple[tuple[str, dict], ...]
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def changed(self) -> bool:
+        return any(step != "identity" for step, _ in self.steps)
+
+
+@dataclass
+class ConversionPlan:
+    spec: FamilySpec
+    target: str
+    fold_affine: bool
+    hidden_size: int
+    num_layers: int
+    ops: list[TensorOp]
+    dropped: list[str]
+    untied_head: bool
+    norms: dict[str, dict]
+    biased: list[str]
+    removed: list[str]
+    base_config_class: str
+    base_model_class: str
+    params_original: int
+    source_dtype: torch.dtype
+    out_dtype: torch.dtype
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def params_converted(self) -> int:
+        total = 0
+        for op in self.ops:
+            numel = 1
+            for dim in op.shape:
+                numel *= dim
+            total += numel
+        return total
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(_numel(op.shape) * torch.empty((), dtype=op.dtype).element_size() for op in self.ops)
+
+    @property
+    def requires_remote_code(self) -> bool:
+        """Only rmsnorm with the affine kept loads as the stock class (LN of a zero-mean x is RMSNorm)."""
+        return self.target != "rmsnorm" or self.fold_affine or bool(self.removed) or bool(self.biased)
+
+
+def _numel(shape) -> int:
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    return numel
+
+
+def parse_dtype(name: str) -> torch.dtype | None:
+    names = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if name not in names:
+        raise BadInputError(f"--dtype must be one of {', '.join(names)}, got '{name}'")
+    return names[name]
+
+
+def build_meta_model(config: dict):
+    """The stock transformers model for this config, on the meta device (no memory)."""
+    import transformers
+
+    config_object = transformers.AutoConfig.for_model(**config)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config_object)
+    return model
+
+
+# -- structural checks ("Structural checks beat name lists", FAMILIES.md) ------------------------
+
+
+def _module(model: nn.Module, path: str, spec: FamilySpec) -> nn.Module:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        raise UnsupportedModelError(
+            f"{spec.source_file} names module '{path}', which the installed transformers' "
+            f"{type(model).__name__} does not have; this transformers version is not supported for {spec.family}"
+        ) from None
+
+
+def _in_out(module: nn.Module) -> tuple[int, int] | None:
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D":
+        return module.nx, module.nf
+    return None
+
+
+def _check_linear(model, path, spec, d, reads: bool) -> nn.Module:
+    module = _module(model, path, spec)
+    dims = _in_out(module)
+    layout = spec.layout_of(path)
+    expected_type = "Linear" if layout == "linear" else "Conv1D"
+    if dims is None or type(module).__name__ != expected_type or (dims[0] if reads else dims[1]) != d:
+        raise UnsupportedModelError(
+            f"{spec.source_file} declares '{path}' as a {expected_type} {'reading' if reads else 'writing'} the "
+            f"{d}-wide residual stream, but the model has {module}; refusing to convert silently wrong"
+        )
+    return module
+
+
+def check_structure(model: nn.Module, spec: FamilySpec, d: int, num_layers: int) -> None:
+    for template in spec.embeddings:
+        for path in expand(template, num_layers):
+            module = _module(model, path, spec)
+            if not isinstance(module, nn.Embedding) or module.embedding_dim != d:
+                raise UnsupportedModelError(f"{spec.source_file}: '{path}' is not a {d}-wide embedding ({module})")
+    norm_templates = [group.norm for group in spec.norms] + [stem.norm for stem in spec.stem_norms]
+    for template in norm_templates:
+        for path in expand(template, num_layers):
+            module = _module(model, path, spec)
+            if not isinstance(module, nn.LayerNorm) or tuple(module.normalized_shape) != (d,):
+                raise UnsupportedModelError(
+                    f"{spec.source_file}: '{path}' should be a LayerNorm over {d} features, found {module}"
+                )
+    for group in spec.norms:
+        for template in group.readers:
+            for path in expand(template, num_layers):
+                _check_linear(model, path, spec, d, reads=True)
+    for template in spec.writers:
+        for path in expand(template, num_layers):
+            _check_linear(model, path, spec, d, reads=False)
+    declared = {path for template in norm_templates for path in expand(template, num_layers)}
+    stray = [name for name, module in model.named_modules() if isinstance(module, nn.LayerNorm) and name not in declared]
+    if stray:
+        raise UnsupportedModelError(
+            f"the model has LayerNorm module(s) {stray[:3]} that {spec.source_file} does not describe; "
+            "refusing to convert a structure the spec does not cover"
+        )
+
+
+# -- planning --------------------------------------------------------------------------------
+
+
+class _Planner:
+    def __init__(self, source: SourceCheckpoint, spec: FamilySpec, target: str, fold_affine: bool, dtype: torch.dtype | None):
+        if target not in TARGETS:
+            raise BadInputError(f"--target must be one of {', '.join(TARGETS)}, got '{target}'")
+        self.source, self.spec, self.target = source, spec, target
+        self.fold = fold_affine or target == "crmsnorm"
+        self.dtype = dtype
+        config = source.config
+        self.d = spec.hidden_size(config)
+        self.L = spec.num_layers(config)
+        model = build_meta_model(config)
+        self.model = model
+        check_structure(model, spec, self.d, self.L)
+        self.params = dict(model.named_parameters(remove_duplicate=False))
+        self.stored = self._map_stored_keys()
+        self.ops: list[TensorOp] = []
+        self.done: set[str] = set()
+        self.norms: dict[str, dict] = {}
+        self.biased: list[str] = []
+        self.removed: list[str] = []
+
+    # names -------------------------------------------------------------------------------
+    def _map_stored_keys(self) -> dict[str, str]:
+        """canonical parameter name -> stored key; reject anything the spec cannot place."""
+        known = set(self.params)
+        ignored = {name for pattern in self.spec.ignore for name in expand(pattern, self.L)}
+        mapping, unknown = {}, []
+        for stored in self.source.tensors:
+            canonical = self.spec.canonical_key(stored, known | ignored)
+            if canonical in known:
+                mapping[canonical] = stored
+            elif canonical not in ignored:
+                unknown.append(stored)
+        if unknown:
+            raise UnsupportedModelError(
+                f"the checkpoint holds tensor(s) {unknown[:3]}{' …' if len(unknown) > 3 else ''} that a "
+                f"{self.spec.family} model built from its config.json does not have; config and weights disagree"
+            )
+        return mapping
+
+    def has(self, name: str) -> bool:
+        return name in self.stored
+
+    def key(self, name: str) -> str:
+        if name not in self.stored:
+            raise CorruptCheckpointError(f"the checkpoint has no tensor for '{name}' (looked for it under every known key style)")
+        return self.stored[name]
+
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        return tuple(self.source.tensors[self.key(name)].shape)
+
+    def stored_dtype(self, name: str) -> torch.dtype:
+        return DTYPES[self.source.tensors[self.key(name)].dtype]
+
+    # ops -----------------------------------------------------------------------------------
+    def add(self, name: str, role: str, inputs: dict[str, str], steps: list[tuple[str, dict]], dtype_from: str | None = None):
+        shapes = {arg: tuple(self.source.tensors[key].shape) for arg, key in inputs.items()}
+        shape = _infer_shape(shapes, steps)
+        stored = self.stored_dtype(dtype_from or name)
+        out_dtype = self.dtype if (self.dtype is not None and stored.is_floating_point) else stored
+        if name in self.done:
+            raise SpecError(f"{self.spec.source_file} gives '{name}' more than one role")
+        self.ops.append(TensorOp(name, role, dict(inputs), tuple(steps), shape, out_dtype))
+        self.done.add(name)
+
+    def norm_params(self, norm: str) -> tuple[str | None, str | None]:
+        weight, bias = f"{norm}.weight", f"{norm}.bias"
+        return (weight if self.has(weight) else None), (bias if self.has(bias) else None)
+
+    def plan(self) -> ConversionPlan:
+        spec, L = self.spec, self.L
+        tied = spec.is_tied(self.source.config) and not self.has(f"{spec.head}.weight")
+        stem_embeddings = {stem.embedding: stem for stem in spec.stem_norms}
+        compress = self.target == "crmsnorm"
+
+        for template in spec.embeddings:
+            for module in expand(template, L):
+                name = f"{module}.weight"
+                steps: list[tuple[str, dict]] = []
+                inputs = {"x": self.key(name)}
+                if module in stem_embeddings:
+                    stem = stem_embeddings[module]
+                    gamma, beta = self.norm_params(stem.norm)
+                    inputs = {"table": self.key(name), "gamma": self.key(gamma), "beta": self.key(beta)}
+                    steps.append((stem.hook, {"eps": float(_module(self.model, stem.norm, spec).eps)}))
+                    self.removed.append(stem.norm)
+                    self.done.update({gamma, beta})
+                steps.append(("center_rows", {}))
+                if compress:
+                    steps.append(("drop_last_feature", {}))
+                self.add(name, "embedding", inputs, steps)
+
+        for template in spec.writers:
+            for module in expand(template, L):
+                layout = spec.layout_of(module)
+                weight, bias = f"{module}.weight", f"{module}.bias"
+                steps = [("center_writer_weight", {"layout": layout})] + ([("drop_last_output", {"layout": layout})] if compress else [])
+                self.add(weight, "writer", {"weight": self.key(weight)}, steps)
+                if self.has(bias):
+                    steps = [("center_vector", {})] + ([("drop_last_feature", {})] if compress else [])
+                    self.add(bias, "writer", {"x": self.key(bias)}, steps)
+
+        for group in spec.norms:
+            for norm, readers in expand_group(group, L):
+                gamma, beta = self.norm_params(norm)
+                width = self.d - 1 if compress else self.d
+                self.norms[norm] = {"kind": self.target, "affine": not self.fold, "bias": beta is not None, "width": width}
+                if not self.fold:
+                    for param in (gamma, beta):
+                        if param:
+                            self.add(param, "norm", {"x": self.key(param)}, [("identity", {})])
+                else:
+                    self.done.update(p for p in (gamma, beta) if p)
+                for reader in readers:
+                    self._plan_reader(reader, gamma, beta, tied)
+
+        for name in self.params:
+            if name not in self.done and self.has(name):
+                self.add(name, "other", {"x": self.key(name)}, [("identity", {})])
+        missing = [name for name in self.params if name not in self.done and name not in _tied_names(self.model)]
+        if missing:
+            raise CorruptCheckpointError(f"the checkpoint is missing tensor(s) {missing[:3]}; re-download it")
+
+        dropped = [key for key in self.source.tensors if key not in {k for op in self.ops for k in op.inputs.values()}]
+        stored_dtype = self.source.stored_dtype()
+        return ConversionPlan(
+            spec=spec,
+            target=self.target,
+            fold_affine=self.fold,
+            hidden_size=self.d,
+            num_layers=L,
+            ops=self._ordered(),
+            dropped=dropped,
+            untied_head=tied,
+            norms=self.norms,
+            biased=self.biased,
+            removed=self.removed,
+            base_config_class=type(self.model.config).__name__,
+            base_model_class=type(self.model).__name__,
+            params_original=sum(_numel(t.shape) for t in self.source.tensors.values() if t.name in set(self.stored.values())),
+            source_dtype=stored_dtype,
+            out_dtype=self.dtype or stored_dtype,
+        )
+
+    def _plan_reader(self, reader: str, gamma: str | None, beta: str | None, tied: bool) -> None:
+        spec = self.spec
+        layout = spec.layout_of(reader)
+        weight, bias = f"{reader}.weight", f"{reader}.bias"
+        weight_key = self.key(spec.head_tied_to + ".weight") if (reader == spec.head and tied) else self.key(weight)
+        dtype_from = spec.head_tied_to + ".weight" if (reader == spec.head and tied) else weight
+        compress = [("merge_last_input", {"layout": layout})] if self.target == "crmsnorm" else []
+        if self.fold and gamma:
+            self.add(weight, "reader", {"weight": weight_key, "gamma": self.key(gamma)}, [("fold_gamma", {"layout": layout})] + compress, dtype_from)
+        else:
+            self.add(weight, "reader", {"x": weight_key}, [("identity", {})] + compress, dtype_from)
+        if self.fold and beta and _nonzero(self.source.read(self.key(beta))):
+            inputs = {"weight": weight_key, "beta": self.key(beta)}
+            if self.has(bias):
+                inputs["bias"] = self.key(bias)
+            else:
+                self.biased.append(reader)
+            self.add(bias, "reader", inputs, [("fold_beta", {"layout": layout})], dtype_from)
+        elif self.has(bias):
+            self.add(bias, "reader", {"x": self.key(bias)}, [("identity", {})])
+
+    def _ordered(self) -> list[TensorOp]:
+        """Model parameter order (as save_pretrained writes), new tensors after their weight."""
+        order = {name: i for i, name in enumerate(self.params)}
+
+        def rank(op: TensorOp) -> tuple[int, int]:
+            if op.name in order:
+                return order[op.name], 0
+            return order[op.name.rsplit(".", 1)[0] + ".weight"], 1
+
+        return sorted(self.ops, key=rank)
+
+
+def _tied_names(model) -> set[str]:
+    """Parameters that share storage with an earlier one (the tied head)."""
+    seen, tied = {}, set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            tied.add(name)
+        seen[id(param)] = name
+    return tied
+
+
+def _nonzero(tensor: torch.Tensor) -> bool:
+    return bool(torch.any(tensor != 0))
+
+
+def _infer_shape(shapes: dict[str, tuple[int, ...]], steps) -> tuple[int, ...]:
+    """Run the steps on meta tensors to learn the output shape without touching data."""
+    value = None
+    for index, (name, params) in enumerate(steps):
+        if index == 0:
+            value = STEPS[name](**{arg: torch.empty(shape, device="meta", dtype=torch.float64) for arg, shape in shapes.items()}, **params)
+        else:
+            value = STEPS[name](value, **params)
+    return tuple(value.shape)
+
+
+def make_plan(source: SourceCheckpoint, spec: FamilySpec, target: str = "rmsnorm", fold_affine: bool = False, dtype: torch.dtype | None = None) -> ConversionPlan:
+    return _Planner(source, spec, target, fold_affine, dtype).plan()

@@ -1,0 +1,40 @@
+"""Progress display on stderr (rich); silent when quiet. stdout stays free for --json output."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterable, Iterator, TypeVar
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+T = TypeVar("T")
+
+
+class Reporter:
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self.console = Console(stderr=True, quiet=quiet)
+
+    def track(self, items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
+        if self.quiet:
+            yield from items
+            return
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=self.console, transient=False) as progress:
+            yield from progress.track(items, total=total, description=description)
+
+    @contextmanager
+    def step(self, message: str) -> Iterator[None]:
+        if self.quiet:
+            yield
+            return
+        with self.console.status(message):
+            yield
+        self.console.print(f"[green]✓[/green] {message}")
+
+    def log(self, message: str) -> None:
+        self.console.print(message)
+
+
+SILENT = Reporter(quiet=True)

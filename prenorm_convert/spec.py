@@ -1,0 +1,261 @@
+"""Family specs: declarative descriptions of where each tensor role lives (see FAMILIES.md).
+
+A spec is a YAML file in ``prenorm_convert/configs``. Validation is strict: a missing or unknown
+key is an error naming the file and the key, so a typo never silently drops a role.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import yaml
+
+from .errors import SpecError, UnsupportedModelError
+
+LAYER = "{L}"
+LAYOUTS = ("linear", "conv1d")
+
+
+@dataclass(frozen=True)
+class NormGroup:
+    """One norm on the way from the main branch into a branch, and the linears that read it."""
+
+    norm: str
+    readers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class StemNorm:
+    """A norm applied to the main branch itself (not a pre-norm), rewritten by a named hook."""
+
+    norm: str
+    embedding: str
+    hook: str
+
+
+@dataclass(frozen=True)
+class Refusal:
+    config_key: str
+    equals: Any
+    why: str
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    family: str
+    description: str
+    model_types: tuple[str, ...]
+    architectures: tuple[str, ...]
+    key_aliases: tuple[tuple[str, str], ...]
+    config_keys: dict[str, str]
+    layout: str
+    embeddings: tuple[str, ...]
+    norms: tuple[NormGroup, ...]
+    writers: tuple[str, ...]
+    head: str
+    head_tied_to: str | None
+    stem_norms: tuple[StemNorm, ...]
+    ignore: tuple[str, ...]
+    refuse: tuple[Refusal, ...]
+    source_file: str = field(default="", compare=False)
+
+    # -- config access -------------------------------------------------------------------
+    def config_value(self, config: dict, role: str, default: Any = None) -> Any:
+        return config.get(self.config_keys[role], default)
+
+    def hidden_size(self, config: dict) -> int:
+        return int(self.config_value(config, "hidden_size"))
+
+    def num_layers(self, config: dict) -> int:
+        return int(self.config_value(config, "num_layers"))
+
+    def is_tied(self, config: dict) -> bool:
+        return bool(self.config_value(config, "tie_word_embeddings", True)) and self.head_tied_to is not None
+
+    def layout_of(self, module: str) -> str:
+        """The head is always an nn.Linear; every other reader/writer uses the family layout."""
+        return "linear" if module == self.head else self.layout
+
+    # -- names ---------------------------------------------------------------------------
+    def canonical_key(self, stored_key: str, known: set[str]) -> str:
+        """Map a key as stored on disk to the name the transformers model uses in memory."""
+        if stored_key in known:
+            return stored_key
+        for canonical, stored in self.key_aliases:
+            if stored_key.startswith(stored):
+                candidate = canonical + stored_key[len(stored):]
+                if candidate in known:
+                    return candidate
+        return stored_key
+
+    def is_ignored(self, key: str, num_layers: int) -> bool:
+        return any(key in expand(pattern, num_layers) for pattern in self.ignore)
+
+
+def expand(template: str, num_layers: int) -> list[str]:
+    """Expand a '{L}' name template over every layer index (a name without '{L}' stays one)."""
+    if LAYER not in template:
+        return [template]
+    return [template.replace(LAYER, str(i)) for i in range(num_layers)]
+
+
+def expand_group(group: NormGroup, num_layers: int) -> list[tuple[str, list[str]]]:
+    """(norm, its readers) per layer: '{L}' in a norm and its readers is the same layer."""
+    indices = range(num_layers) if LAYER in group.norm else [None]
+    pairs = []
+    for index in indices:
+        def at(template: str) -> str:
+            return template if index is None else template.replace(LAYER, str(index))
+
+        pairs.append((at(group.norm), [at(reader) for reader in group.readers]))
+    return pairs
+
+
+# -- loading and validation ---------------------------------------------------------------
+
+_SPEC_KEYS = {
+    "family": str,
+    "description": str,
+    "model_types": list,
+    "architectures": list,
+    "key_aliases": list,
+    "config_keys": dict,
+    "layout": str,
+    "embeddings": list,
+    "norms": list,
+    "writers": list,
+    "head": dict,
+    "stem_norms": list,
+    "ignore": list,
+    "refuse": list,
+}
+_CONFIG_ROLES = {"hidden_size", "num_layers", "tie_word_embeddings"}
+
+
+def _require_keys(where: str, data: Any, required: dict[str, type], optional: dict[str, type] | None = None):
+    optional = optional or {}
+    if not isinstance(data, dict):
+        raise SpecError(f"{where}: expected a mapping, got {type(data).__name__}")
+    unknown = set(data) - set(required) - set(optional)
+    if unknown:
+        raise SpecError(f"{where}: unknown key(s) {sorted(unknown)}")
+    missing = set(required) - set(data)
+    if missing:
+        raise SpecError(f"{where}: missing key(s) {sorted(missing)}")
+    for key, kind in {**required, **optional}.items():
+        if key in data and not isinstance(data[key], kind):
+            raise SpecError(f"{where}: key '{key}' must be a {kind.__name__}, got {type(data[key]).__name__}")
+
+
+def parse_spec(data: Any, source_file: str) -> FamilySpec:
+    _require_keys(source_file, data, _SPEC_KEYS)
+    config_keys = data["config_keys"]
+    if set(config_keys) != _CONFIG_ROLES:
+        raise SpecError(f"{source_file}: config_keys must name exactly {sorted(_CONFIG_ROLES)}, got {sorted(config_keys)}")
+    if data["layout"] not in LAYOUTS:
+        raise SpecError(f"{source_file}: layout must be one of {LAYOUTS}, got '{data['layout']}'")
+    norms = []
+    for i, group in enumerate(data["norms"]):
+        _require_keys(f"{source_file}: norms[{i}]", group, {"norm": str, "readers": list})
+        if LAYER not in group["norm"] and any(LAYER in reader for reader in group["readers"]):
+            raise SpecError(f"{source_file}: norms[{i}]: readers use '{LAYER}' but the norm '{group['norm']}' does not")
+        norms.append(NormGroup(group["norm"], tuple(group["readers"])))
+    stems = []
+    for i, stem in enumerate(data["stem_norms"]):
+        _require_keys(f"{source_file}: stem_norms[{i}]", stem, {"norm": str, "embedding": str, "hook": str})
+        stems.append(StemNorm(stem["norm"], stem["embedding"], stem["hook"]))
+    refusals = []
+    for i, rule in enumerate(data["refuse"]):
+        _require_keys(f"{source_file}: refuse[{i}]", rule, {"config_key": str, "equals": object, "why": str})
+        refusals.append(Refusal(rule["config_key"], rule["equals"], rule["why"]))
+    head = data["head"]
+    _require_keys(f"{source_file}: head", head, {"module": str}, {"tied_to": str})
+    aliases = []
+    for i, pair in enumerate(data["key_aliases"]):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):
+            raise SpecError(f"{source_file}: key_aliases[{i}] must be a [canonical_prefix, stored_prefix] pair")
+        aliases.append((pair[0], pair[1]))
+    return FamilySpec(
+        family=data["family"],
+        description=data["description"],
+        model_types=tuple(data["model_types"]),
+        architectures=tuple(data["architectures"]),
+        key_aliases=tuple(aliases),
+        config_keys=dict(config_keys),
+        layout=data["layout"],
+        embeddings=tuple(data["embeddings"]),
+        norms=tuple(norms),
+        writers=tuple(data["writers"]),
+        head=head["module"],
+        head_tied_to=head.get("tied_to"),
+        stem_norms=tuple(stems),
+        ignore=tuple(data["ignore"]),
+        refuse=tuple(refusals),
+        source_file=source_file,
+    )
+
+
+def _config_files():
+    return sorted(
+        (entry for entry in resources.files("prenorm_convert").joinpath("configs").iterdir() if entry.name.endswith(".yaml")),
+        key=lambda entry: entry.name,
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def load_specs() -> tuple[FamilySpec, ...]:
+    specs = []
+    for entry in _config_files():
+        if entry.name == "not_convertible.yaml":
+            continue
+        try:
+            data = yaml.safe_load(entry.read_text())
+        except yaml.YAMLError as exc:
+            raise SpecError(f"configs/{entry.name} is not valid YAML: {exc}") from exc
+        specs.append(parse_spec(data, f"configs/{entry.name}"))
+    return tuple(specs)
+
+
+@functools.lru_cache(maxsize=1)
+def load_not_convertible() -> dict[str, str]:
+    """model_type -> reason it cannot be converted."""
+    entry = resources.files("prenorm_convert").joinpath("configs", "not_convertible.yaml")
+    data = yaml.safe_load(entry.read_text())
+    reasons = {}
+    for group_name, group in data.items():
+        _require_keys(f"configs/not_convertible.yaml: {group_name}", group, {"why": str, "model_types": list})
+        for model_type in group["model_types"]:
+            reasons[model_type] = group["why"]
+    return reasons
+
+
+def supported_families_line() -> str:
+    return ", ".join(f"{s.family} ({'/'.join(s.architectures)})" for s in load_specs())
+
+
+def match_spec(config: dict) -> FamilySpec:
+    """Pick the spec for a checkpoint's config.json, or explain why there is none."""
+    model_type = config.get("model_type")
+    architectures = config.get("architectures") or []
+    for spec in load_specs():
+        if model_type in spec.model_types:
+            if architectures and not set(architectures) & set(spec.architectures):
+                raise UnsupportedModelError(
+                    f"cannot convert architecture {'/'.join(architectures)}: for the {spec.family} family only "
+                    f"{'/'.join(spec.architectures)} checkpoints are supported"
+                )
+            for rule in spec.refuse:
+                if config.get(rule.config_key) == rule.equals:
+                    raise UnsupportedModelError(f"cannot convert this {spec.family} checkpoint: {rule.why}")
+            return spec
+    reason = load_not_convertible().get(model_type)
+    name = model_type or "/".join(architectures) or "unknown"
+    if reason:
+        raise UnsupportedModelError(f"cannot convert model_type '{name}': {reason}")
+    raise UnsupportedModelError(
+        f"model_type '{name}' is not supported; supported families: {supported_families_line()}. "
+        "Run `prenorm-convert families` for details"
+    )

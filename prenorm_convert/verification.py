@@ -1,0 +1,294 @@
+"""Prove equivalence: run the original and the converted checkpoint on the same prompts.
+
+Metrics (DESIGN.md report contract) compare the converted model's logits with a reference: the
+original in float32. In float32 the bar is float32 noise. In float16/bfloat16 the original is
+also run in that dtype, and the bar is that the conversion adds no error beyond what the dtype
+itself costs the original (MATH.md "Numerics").
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import BadInputError
+from .progress import SILENT, Reporter
+
+DEFAULT_PROMPTS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "In 1905, Albert Einstein published four papers that changed physics:",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n",
+    "Pre-LayerNorm transformers normalise the input of every branch, so",
+    "Les modèles de langage apprennent à prédire le mot suivant.",
+    "Q: What is 17 times 23?\nA:",
+    "Once upon a time, in a village by the sea, there lived",
+    "SELECT name, count(*) FROM users GROUP BY name ORDER BY 2 DESC;",
+)
+RANDOM_PROMPTS = 4
+RANDOM_PROMPT_LENGTH = 24
+# how much worse than the original's own reduced-precision error the converted model may be
+REDUCED_DTYPE_ERROR_RATIO = 1.5
+REDUCED_DTYPE_TOP1_SLACK = 0.05
+
+
+@dataclass
+class Tolerances:
+    """Pass criteria. None means 'derive from the dtype' (see resolve)."""
+
+    max_abs_logit_diff: float | None = None
+    max_kl: float | None = None
+    min_top1: float | None = None
+    greedy_tokens: int = 32
+    require_greedy_match: bool | None = None
+
+    def resolve(self, dtype: torch.dtype, logit_scale: float, original_error: dict | None) -> dict:
+        if dtype == torch.float32 or dtype == torch.float64:
+            return {
+                "max_abs_logit_diff": self.max_abs_logit_diff if self.max_abs_logit_diff is not None else 1e-5 * logit_scale,
+                "max_kl": self.max_kl if self.max_kl is not None else 1e-6,
+                "min_top1": self.min_top1 if self.min_top1 is not None else 1.0,
+                "require_greedy_match": True if self.require_greedy_match is None else self.require_greedy_match,
+                "basis": "float32: max |Δlogit| within 1e-5 of the logit scale",
+            }
+        assert original_error is not None
+        return {
+            "max_abs_logit_diff": self.max_abs_logit_diff
+            if self.max_abs_logit_diff is not None
+            else REDUCED_DTYPE_ERROR_RATIO * original_error["max_abs_logit_diff"],
+            "max_kl": self.max_kl if self.max_kl is not None else REDUCED_DTYPE_ERROR_RATIO * original_error["max_kl_divergence"],
+            "min_top1": self.min_top1 if self.min_top1 is not None else original_error["top1_agreement"] - REDUCED_DTYPE_TOP1_SLACK,
+            "require_greedy_match": False if self.require_greedy_match is None else self.require_greedy_match,
+            "basis": f"{_dtype_name(dtype)}: no more than {REDUCED_DTYPE_ERROR_RATIO}x the original model's own "
+            f"{_dtype_name(dtype)} error against its float32 self",
+        }
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# -- loading ---------------------------------------------------------------------------------
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def load_original(path: str | Path, dtype: torch.dtype):
+    import transformers
+
+    _quiet_transformers()
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    return model.eval()
+
+
+def load_converted(path: str | Path, dtype: torch.dtype | str | None = None, **kwargs):
+    """Load a folder written by prenorm-convert as its converted architecture (RMSNorm modules)."""
+    import transformers
+
+    _quiet_transformers()
+    path = Path(path)
+    config_path = path / "config.json"
+    if not config_path.exists() or "prenorm" not in json.loads(config_path.read_text()):
+        raise BadInputError(f"'{path}' is not a folder written by prenorm-convert (its config.json has no prenorm block)")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path), trust_remote_code=True, dtype=dtype if dtype is not None else "auto", **kwargs
+    )
+    return model.eval()
+
+
+def converted_dtype(path: str | Path) -> torch.dtype:
+    config = json.loads((Path(path) / "config.json").read_text())
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return getattr(torch, name)
+
+
+# -- prompts ---------------------------------------------------------------------------------
+
+
+def build_prompts(original: str | Path, vocab_size: int, prompts_file: str | Path | None = None) -> list[torch.Tensor]:
+    """Token-id prompts: the model's own tokenizer on varied texts, or seeded random ids."""
+    texts = list(DEFAULT_PROMPTS)
+    if prompts_file is not None:
+        prompts_path = Path(prompts_file)
+        if not prompts_path.exists():
+            raise BadInputError(f"--prompts file '{prompts_path}' does not exist")
+        texts = [line for line in prompts_path.read_text().splitlines() if line.strip()]
+        if not texts:
+            raise BadInputError(f"--prompts file '{prompts_path}' holds no non-empty line")
+    tokenizer = _tokenizer(original)
+    if tokenizer is not None:
+        encoded = [torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long) for text in texts]
+        return [ids for ids in encoded if ids.numel() > 0]
+    if prompts_file is not None:
+        raise BadInputError(f"--prompts needs a tokenizer, and '{original}' has none")
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randint(0, vocab_size, (RANDOM_PROMPT_LENGTH,), generator=generator) for _ in range(RANDOM_PROMPTS)]
+
+
+def _tokenizer(path: str | Path):
+    import transformers
+
+    folder = Path(path)
+    if not any((folder / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        return None
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(folder))
+    except Exception:
+        return None
+
+
+# -- metrics ---------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _logits(model, prompts: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [model(ids[None, :]).logits[0].to(torch.float64) for ids in prompts]
+
+
+def compare_logits(reference: list[torch.Tensor], candidate: list[torch.Tensor]) -> dict:
+    ref = torch.cat(reference)
+    cand = torch.cat(candidate)
+    diff = (ref - cand).abs()
+    log_p = torch.log_softmax(ref, dim=-1)
+    log_q = torch.log_softmax(cand, dim=-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    return {
+        "max_abs_logit_diff": float(diff.max()),
+        "mean_abs_logit_diff": float(diff.mean()),
+        "max_kl_divergence": float(kl.max().clamp_min(0)),
+        "top1_agreement": float((ref.argmax(-1) == cand.argmax(-1)).double().mean()),
+        "positions": int(ref.shape[0]),
+    }
+
+
+@torch.no_grad()
+def greedy(model, prompt: torch.Tensor, new_tokens: int, pad_token_id: int) -> torch.Tensor:
+    output = model.generate(
+        prompt[None, :],
+        attention_mask=torch.ones_like(prompt)[None, :],
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=pad_token_id,
+    )
+    return output[0, prompt.numel():]
+
+
+@torch.no_grad()
+def residual_mean_max(model, prompts: list[torch.Tensor]) -> float:
+    """Largest |mean(x)| / rms(x) over every token entering a converted norm (the residual stream)."""
+    block = model.config.prenorm
+    worst = [0.0]
+
+    def hook(_module, args):
+        x = args[0].to(torch.float64)
+        if x.shape[-1] == block["hidden_size"]:
+            mean = x.mean(-1)
+        else:  # compressed (crmsnorm) stream: the dropped component is minus the sum of the others
+            mean = torch.zeros_like(x[..., 0])
+        rms = x.pow(2).mean(-1).sqrt().clamp_min(1e-30)
+        worst[0] = max(worst[0], float((mean.abs() / rms).max()))
+
+    handles = [model.get_submodule(path).register_forward_pre_hook(hook) for path in block["norms"]]
+    try:
+        for ids in prompts:
+            model(ids[None, :])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return worst[0]
+
+
+def _param_count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def verify(
+    original: str | Path,
+    converted: str | Path,
+    *,
+    tolerances: Tolerances | None = None,
+    prompts_file: str | Path | None = None,
+    dtype: torch.dtype | None = None,
+    reporter: Reporter = SILENT,
+) -> dict:
+    """Compare a converted folder with its original; returns the report dict (see DESIGN.md)."""
+    tolerances = tolerances or Tolerances()
+    for path in (original, converted):
+        if not Path(path).is_dir():
+            raise BadInputError(f"'{path}' is not a checkpoint folder")
+    dtype = dtype or converted_dtype(converted)
+    with reporter.step("loading the original and the converted model"):
+        reference_model = load_original(original, torch.float32)
+        candidate_model = load_converted(converted, dtype=dtype)
+    vocab_size = reference_model.get_output_embeddings().weight.shape[0]
+    prompts = build_prompts(original, vocab_size, prompts_file)
+    with reporter.step(f"comparing logits on {len(prompts)} prompts"):
+        reference = _logits(reference_model, prompts)
+        candidate = _logits(candidate_model, prompts)
+        metrics = compare_logits(reference, candidate)
+        logit_scale = float(torch.cat(reference).abs().max())
+        original_error = None
+        if dtype not in (torch.float32, torch.float64):
+            reduced_original = load_original(original, dtype)
+            original_error = compare_logits(reference, _logits(reduced_original, prompts))
+    pad = _pad_id(reference_model)
+    greedy_prompts = prompts[:2]
+    with reporter.step(f"greedy generation of {tolerances.greedy_tokens} tokens"):
+        matches = []
+        for ids in greedy_prompts:
+            expected = greedy(reduced_original if original_error is not None else reference_model, ids, tolerances.greedy_tokens, pad)
+            actual = greedy(candidate_model, ids, tolerances.greedy_tokens, pad)
+            matches.append(bool(torch.equal(expected, actual)))
+    with reporter.step("measuring the residual-stream mean"):
+        residual = residual_mean_max(candidate_model, prompts)
+    limits = tolerances.resolve(dtype, logit_scale, original_error)
+    failures = []
+    if metrics["max_abs_logit_diff"] > limits["max_abs_logit_diff"]:
+        failures.append(f"max |Δlogit| {metrics['max_abs_logit_diff']:.3g} > {limits['max_abs_logit_diff']:.3g}")
+    if metrics["max_kl_divergence"] > limits["max_kl"]:
+        failures.append(f"max KL {metrics['max_kl_divergence']:.3g} > {limits['max_kl']:.3g}")
+    if metrics["top1_agreement"] < limits["min_top1"]:
+        failures.append(f"top-1 agreement {metrics['top1_agreement']:.4f} < {limits['min_top1']:.4f}")
+    if limits["require_greedy_match"] and not all(matches):
+        failures.append("greedy generations differ")
+    report = {
+        **{key: value for key, value in metrics.items()},
+        "relative_max_abs_logit_diff": metrics["max_abs_logit_diff"] / max(logit_scale, 1e-30),
+        "logit_scale": logit_scale,
+        "greedy_match": {
+            "prompts": len(greedy_prompts),
+            "tokens_compared": tolerances.greedy_tokens * len(greedy_prompts),
+            "identical": all(matches),
+            "reference": _dtype_name(dtype) + " original" if original_error is not None else "float32 original",
+        },
+        "residual_mean_max": residual,
+        "params_original": _param_count(reference_model),
+        "params_converted": _param_count(candidate_model),
+        "dtype": _dtype_name(dtype),
+        "reference_dtype": "float32",
+        "original_in_dtype": original_error,
+        "prompts": len(prompts),
+        "target": candidate_model.config.prenorm["target"],
+        "tolerances": limits,
+        "failures": failures,
+        "passed": not failures,
+    }
+    return report
+
+
+def _pad_id(model) -> int:
+    generation = getattr(model, "generation_config", None)
+    for candidate in (getattr(generation, "pad_token_id", None), getattr(generation, "eos_token_id", None)):
+        if isinstance(candidate, list):
+            candidate = candidate[0] if candidate else None
+        if candidate is not None:
+            return int(candidate)
+    return 0

@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny on-disk checkpoints built once per session, and helpers to run the CLI."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from prenorm_convert.cli import app
+from prenorm_convert.examples import build_checkpoint, strip_prefix
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(2)
+
+
+@dataclass
+class CliResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args: str) -> CliResult:
+    result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+    return CliResult(result.exit_code, result.stdout, result.stderr)
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("checkpoints")
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(checkpoints) -> Path:
+    """GPT-2 as save_pretrained writes it: `transformer.` keys, sharded, tied head, tokenizer."""
+    folder = checkpoints / "gpt2"
+    build_checkpoint(folder, "gpt2", seed=1)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def gpt2_bare_dir(checkpoints) -> Path:
+    """GPT-2 in the original hub upload style: keys without `transformer.`, plus attn.bias mask buffers."""
+    folder = checkpoints / "gpt2-bare"
+    model = build_checkpoint(folder, "gpt2", seed=2, overrides={"n_head": 2, "n_inner": 96}, max_shard_size="10MB")
+    positions = model.config.n_positions
+    mask = torch.tril(torch.ones(positions, positions, dtype=torch.bool)).view(1, 1, positions, positions)
+    buffers = {f"h.{i}.attn.bias": mask.clone() for i in range(model.config.n_layer)}
+    strip_prefix(folder, "transformer.", extra=buffers)
+    return folder
+
+
+def snapshot(folder: Path) -> dict[str, float]:
+    """Every path below folder with its mtime: 'nothing was written' means this is unchanged."""
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*"))}
