@@ -5,6 +5,7 @@ __version__ = "0.1.0"
 from .errors import (  # noqa: E402
     BadInputError,
     CorruptCheckpointError,
+    HubError,
     PrenormError,
     UnsupportedModelError,
     VerificationFailed,
@@ -19,6 +20,11 @@ def __getattr__(name):
         from . import verification as module
     elif name in {"describe", "families"}:
         from . import inspection as module
+    elif name in {"push", "resolve_source"}:
+        from . import hub as module
+    elif name in {"benchmark", "BenchSettings"}:
+        # the function is not called `bench`: importing the submodule prenorm_convert.bench would shadow it
+        from . import bench as module
     else:
         raise AttributeError(name)
     return getattr(module, name)
@@ -30,11 +36,16 @@ __all__ = [
     "load_converted",
     "describe",
     "families",
+    "push",
+    "resolve_source",
+    "benchmark",
+    "BenchSettings",
     "Tolerances",
     "ConversionResult",
     "PrenormError",
     "BadInputError",
     "UnsupportedModelError",
     "CorruptCheckpointError",
+    "HubError",
     "VerificationFailed",
 ]

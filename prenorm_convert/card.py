@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import yaml
@@ -38,7 +39,8 @@ def loading_instructions(config: dict) -> str:
     if block["requires_remote_code"]:
         reasons = []
         if block["fold_affine"]:
-            reasons.append("the norms' affine parameters are folded into the linears (weightless RMSNorm)")
+            norm = "CRMSNorm" if block["target"] == "crmsnorm" else "RMSNorm"
+            reasons.append(f"the norms' affine parameters are folded into the linears (weightless {norm})")
         if block["removed"]:
             reasons.append(f"{', '.join(block['removed'])} was baked into the embedding table")
         if block["target"] == "crmsnorm":
@@ -54,17 +56,48 @@ def loading_instructions(config: dict) -> str:
     return "\n".join(lines)
 
 
+def front_matter(config: dict) -> dict:
+    """The card's YAML metadata, in the keys the hub reads (base_model links the model tree)."""
+    block = config["prenorm"]
+    front = {"library_name": "transformers", "pipeline_tag": "text-generation"}
+    if block.get("source_revision"):  # the source was a hub id; a local path is no hub model to link to
+        front["base_model"] = block["source"]
+    tags = ["prenorm-convert", block["target"], block["family"]]
+    if block["fold_affine"]:
+        tags.append("fold-affine")
+    if block["requires_remote_code"]:
+        tags.append("custom_code")
+    front["tags"] = tags
+    return front
+
+
+def source_line(block: dict) -> str:
+    if not block.get("source_revision"):
+        return f"`{block['source']}`"
+    return (
+        f"[`{block['source']}`](https://huggingface.co/{block['source']}) at commit `{block['source_revision']}`"
+    )
+
+
+def equivalent_command(config: dict) -> str:
+    """A command that reproduces this conversion, when it was not run from the command line."""
+    block = config["prenorm"]
+    words = ["prenorm-convert", "convert", block["source"], "OUT", "--target", block["target"]]
+    if block["fold_affine"]:
+        words.append("--fold-affine")
+    words += ["--dtype", str(config.get("dtype", "auto"))]
+    if block.get("source_revision"):
+        words += ["--revision", block["source_revision"]]
+    return shlex.join(words)
+
+
 def write_model_card(folder: Path, config: dict, plan, report: dict | None, command: str | None) -> None:
     block = config["prenorm"]
-    front = {
-        "library_name": "transformers",
-        "base_model": block["source"],
-        "tags": ["prenorm-convert", block["target"], block["family"]],
-    }
+    front = front_matter(config)
     parts = [
         "---\n" + yaml.safe_dump(front, sort_keys=False) + "---",
         f"# {block['family']} converted to Pre-{'RMSNorm' if block['target'] == 'rmsnorm' else 'CRMSNorm'}",
-        f"Converted from `{block['source']}` by prenorm-convert {block['converter_version']} "
+        f"Converted from {source_line(block)} by prenorm-convert {block['converter_version']} "
         f"(target `{block['target']}`, fold affine: {block['fold_affine']}). The residual stream is zero-mean and "
         "every LayerNorm is replaced by an equivalent norm (Jiang et al., NeurIPS 2023).",
         "## Loading\n" + loading_instructions(config),
@@ -81,4 +114,6 @@ def write_model_card(folder: Path, config: dict, plan, report: dict | None, comm
         parts.append("## Equivalence report\nNot verified (`--no-verify`). Run `prenorm-convert verify ORIGINAL THIS_FOLDER`.")
     if command:
         parts.append(f"## Conversion command\n```\n{command}\n```")
+    else:
+        parts.append(f"## Conversion command\nAn equivalent command:\n```\n{equivalent_command(config)}\n```")
     (folder / "README.md").write_text("\n\n".join(parts) + "\n")

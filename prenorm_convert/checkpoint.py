@@ -13,15 +13,24 @@ from typing import Iterator
 import torch
 
 from .errors import BadInputError, CorruptCheckpointError
-from .safetensors_io import DTYPE_NAMES, DTYPES, StoredTensor, read_header, read_tensor
+from .safetensors_io import DTYPE_NAMES, DTYPES, StoredTensor, read_header, read_tensor, row_block
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 PICKLE_SINGLE = "pytorch_model.bin"
 # files a conversion rewrites (or must not carry over); every other top-level file is copied as-is
-_NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf")
+# (weights of any framework, and pickles of any kind: a hub download never fetches these as side files)
+_NOT_COPIED_SUFFIXES = (
+    ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf",
+    ".ot", ".tflite", ".mlmodel", ".pkl", ".pickle", ".joblib", ".npy", ".npz", ".nemo", ".tar", ".gz", ".zip",
+)
 _NOT_COPIED_NAMES = {"config.json", SAFE_INDEX, PICKLE_INDEX, "README.md", "conversion_report.json", "modeling_prenorm.py"}
+
+
+def is_side_file(name: str) -> bool:
+    """A top-level file copied unchanged into the output (tokenizer, generation config, ...)."""
+    return not name.startswith(".") and name not in _NOT_COPIED_NAMES and not name.endswith(_NOT_COPIED_SUFFIXES)
 
 
 class SourceCheckpoint:
@@ -68,6 +77,16 @@ class SourceCheckpoint:
         handle = self._handles[info.file]
         return handle[name] if self.pickled else read_tensor(handle, info)
 
+    def read_rows(self, name: str, start: int, stop: int, into: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows start..stop (leading axis) of one tensor, as stored; only those bytes are read
+        (into ``into`` when given: the result is then a view of that reused buffer)."""
+        if self.pickled:
+            return self.read(name)[start:stop]
+        info = self.tensors[name]
+        if info.file not in self._handles:
+            self._handles[info.file] = open(info.file, "rb")
+        return read_tensor(self._handles[info.file], row_block(info, start, stop), into)
+
     def close(self) -> None:
         for handle in self._handles.values():
             if hasattr(handle, "close"):
@@ -79,10 +98,7 @@ class SourceCheckpoint:
         return sorted(
             entry
             for entry in self.path.iterdir()
-            if entry.is_file()
-            and not entry.name.startswith(".")
-            and entry.name not in _NOT_COPIED_NAMES
-            and not entry.name.endswith(_NOT_COPIED_SUFFIXES)
+            if entry.is_file() and is_side_file(entry.name)
         )
 
     @property

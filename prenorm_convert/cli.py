@@ -87,14 +87,52 @@ def _write_json(path: Optional[Path], data: dict) -> None:
 
 QuietOption = typer.Option(False, "--quiet", "-q", help="No progress display.")
 ToleranceHelp = "Defaults depend on the dtype (see docs/report.md)."
+RevisionOption = typer.Option(None, "--revision", help="Hub source only: branch, tag or commit hash (default: main).")
+PadToOption = typer.Option(
+    None,
+    "--pad-to",
+    metavar="N",
+    help="crmsnorm only: store the d-1 wide stream zero-padded to a multiple of N (e.g. 64) for aligned GPU "
+    "matrix kernels; same function, see README 'Pre-CRMSNorm'.",
+)
+TokenOption = typer.Option(None, "--token", help="Hub token (default: HF_TOKEN, then the saved login).", show_default=False)
+SECRET_OPTIONS = ("--token",)
+
+
+def _command_line() -> str | None:
+    """The exact command, for the model card, with secrets masked (None when not run as prenorm-convert)."""
+    if not (sys.argv and sys.argv[0].endswith("prenorm-convert")):
+        return None
+    words, hide_next = [], False
+    for word in sys.argv[1:]:
+        if hide_next:
+            words.append("***")
+            hide_next = False
+        elif word in SECRET_OPTIONS:
+            words.append(word)
+            hide_next = True
+        elif word.startswith(tuple(option + "=" for option in SECRET_OPTIONS)):
+            words.append(word.split("=", 1)[0] + "=***")
+        else:
+            words.append(word)
+    return "prenorm-convert " + shlex.join(words)
+
+
+def _push(folder: Path, repo_id: str, private: bool, token: Optional[str], force: bool, quiet: bool) -> None:
+    from .hub import push as run_push
+
+    result = run_push(folder, repo_id, private=private, token=token, force=force, reporter=_reporter(quiet))
+    if not quiet:
+        stderr.print(f"[green]pushed[/green] {folder} to {result.url} (commit {result.commit})", highlight=False)
 
 
 @app.command()
 def convert(
-    src: str = typer.Argument(..., help="Pre-LN checkpoint folder (config.json + safetensors)."),
+    src: str = typer.Argument(..., help="Pre-LN checkpoint: a folder (config.json + safetensors) or a hub id (org/name)."),
     out: Path = typer.Argument(..., help="Output folder (written atomically)."),
     target: str = typer.Option("rmsnorm", help="rmsnorm (same width) or crmsnorm (d-1 wide stream)."),
     fold_affine: bool = typer.Option(False, "--fold-affine", help="Fold γ, β into the readers: weightless RMSNorm."),
+    pad_to: Optional[int] = PadToOption,
     dtype: str = typer.Option("auto", help="auto (keep the stored dtype), float32, float16 or bfloat16."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists (only once everything succeeded)."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the equivalence check."),
@@ -104,22 +142,36 @@ def convert(
     max_abs_logit_diff: Optional[float] = typer.Option(None, help="Fail above this max |Δlogit|. " + ToleranceHelp),
     max_kl: Optional[float] = typer.Option(None, help="Fail above this max KL divergence. " + ToleranceHelp),
     min_top1: Optional[float] = typer.Option(None, help="Fail below this top-1 agreement. " + ToleranceHelp),
-    greedy_tokens: int = typer.Option(32, help="New tokens compared in greedy generation."),
+    greedy_tokens: int = typer.Option(32, help="New tokens compared in greedy generation (0: none)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the report here ('-' for stdout)."),
+    revision: Optional[str] = RevisionOption,
+    token: Optional[str] = TokenOption,
+    push_to_hub: Optional[str] = typer.Option(
+        None, "--push-to-hub", metavar="REPO_ID", help="After a passing conversion, upload OUT to this hub repository (created if needed)."
+    ),
+    private: bool = typer.Option(False, "--private", help="With --push-to-hub: create the repository as private."),
     quiet: bool = QuietOption,
 ):
     """Convert SRC into an equivalent Pre-RMSNorm (or Pre-CRMSNorm) checkpoint in OUT, then verify it.
 
     Example:  [bold]prenorm-convert convert ./gpt2 ./gpt2-rms --fold-affine[/bold]
+    From the hub:  [bold]prenorm-convert convert openai-community/gpt2 ./gpt2-rms --push-to-hub me/gpt2-rms[/bold]
 
-    Exit codes: 0 converted and verified, 1 written but verification failed, 2 bad input (nothing written).
+    Exit codes: 0 converted and verified (and pushed), 1 written but verification failed (not pushed),
+    2 bad input (nothing written; or written but the push failed).
     """
 
     def body():
         from .conversion import convert as run_convert
-        from .errors import VerificationFailed
+        from .errors import BadInputError, VerificationFailed
+        from .hub import HUB_ID
 
-        command = "prenorm-convert " + shlex.join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("prenorm-convert") else None
+        if push_to_hub is not None:
+            if no_verify:
+                raise BadInputError("--push-to-hub pushes verified conversions only; drop --no-verify (or push later with `prenorm-convert push OUT REPO_ID --force`)")
+            if HUB_ID.fullmatch(push_to_hub) is None:
+                raise BadInputError(f"--push-to-hub '{push_to_hub}' is not a hub repository id; use org/name or user/name")
+        command = _command_line()
         try:
             result = run_convert(
                 src,
@@ -134,6 +186,9 @@ def convert(
                 tolerances=_tolerances(max_abs_logit_diff, max_kl, min_top1, greedy_tokens),
                 prompts_file=prompts,
                 command=command,
+                revision=revision,
+                token=token,
+                pad_to=pad_to,
                 reporter=_reporter(quiet),
             )
         except VerificationFailed as failure:
@@ -148,20 +203,29 @@ def convert(
             _write_json(json_path, result.report)
         if not quiet:
             stderr.print(f"[green]wrote[/green] {out}")
+        if push_to_hub is not None:
+            try:
+                _push(out, push_to_hub, private, token, force=False, quiet=quiet)
+            except BadInputError as exc:
+                raise type(exc)(f"wrote {out}, but did not push it: {exc} (retry with `prenorm-convert push {out} {push_to_hub}`)") from exc
 
     _run(body)
 
 
 @app.command()
 def verify(
-    original: Path = typer.Argument(..., help="The original Pre-LN checkpoint folder."),
+    original: str = typer.Argument(..., help="The original Pre-LN checkpoint: a folder or a hub id (org/name)."),
     converted: Path = typer.Argument(..., help="A folder written by prenorm-convert."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report here ('-' for stdout)."),
     max_abs_logit_diff: Optional[float] = typer.Option(None, help="Fail above this max |Δlogit|. " + ToleranceHelp),
     max_kl: Optional[float] = typer.Option(None, help="Fail above this max KL divergence. " + ToleranceHelp),
     min_top1: Optional[float] = typer.Option(None, help="Fail below this top-1 agreement. " + ToleranceHelp),
-    greedy_tokens: int = typer.Option(32, help="New tokens compared in greedy generation."),
+    greedy_tokens: int = typer.Option(32, help="New tokens compared in greedy generation (0: none)."),
     prompts: Optional[Path] = typer.Option(None, help="Text file, one prompt per line."),
+    revision: Optional[str] = typer.Option(
+        None, "--revision", help="Hub original only: branch, tag or commit (default: the commit CONVERTED records, else main)."
+    ),
+    token: Optional[str] = TokenOption,
     quiet: bool = QuietOption,
 ):
     """Compare CONVERTED with ORIGINAL: logits, KL, top-1, greedy generation, residual mean.
@@ -179,6 +243,8 @@ def verify(
             converted,
             tolerances=_tolerances(max_abs_logit_diff, max_kl, min_top1, greedy_tokens),
             prompts_file=prompts,
+            revision=revision,
+            token=token,
             reporter=_reporter(quiet),
         )
         if not quiet:
@@ -191,12 +257,15 @@ def verify(
 
 @app.command("inspect")
 def inspect_command(
-    src: str = typer.Argument(..., help="Checkpoint folder."),
+    src: str = typer.Argument(..., help="Checkpoint folder, or a hub id (org/name)."),
     target: str = typer.Option("rmsnorm", help="rmsnorm or crmsnorm."),
     fold_affine: bool = typer.Option(False, "--fold-affine"),
+    pad_to: Optional[int] = PadToOption,
     dtype: str = typer.Option("auto"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle"),
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON on stdout."),
+    revision: Optional[str] = RevisionOption,
+    token: Optional[str] = TokenOption,
 ):
     """Show the family, sizes and every change a conversion would make. Writes nothing.
 
@@ -206,12 +275,14 @@ def inspect_command(
     def body():
         from .inspection import describe
 
-        info = describe(src, target=target, fold_affine=fold_affine, dtype=dtype, allow_pickle=allow_pickle)
+        info = describe(
+            src, target=target, fold_affine=fold_affine, dtype=dtype, allow_pickle=allow_pickle, revision=revision, token=token, pad_to=pad_to
+        )
         if as_json:
             sys.stdout.write(json.dumps(info, indent=2) + "\n")
             return
         table = Table(title=f"{src}: {info['family']} ({info['model_type']})", show_header=False)
-        for key in ("hidden_size", "residual_width", "num_layers", "stored_dtype", "output_dtype", "target", "fold_affine", "tied_head"):
+        for key in ("hidden_size", "residual_width", "num_layers", "stored_dtype", "output_dtype", "target", "fold_affine", "untie_head"):
             table.add_row(key.replace("_", " "), str(info[key]))
         table.add_row("tensors in / out", f"{info['tensors_in']} / {info['tensors_out']}")
         table.add_row("parameters", f"{info['params_original']:,} -> {info['params_converted']:,}")
@@ -289,6 +360,105 @@ def demo(
         if not quiet:
             print_report(result.report, f"{original} -> {converted}")
         stdout.print(json.dumps(result.report, indent=2))
+
+    _run(body)
+
+
+@app.command()
+def push(
+    out: Path = typer.Argument(..., help="A folder written by prenorm-convert."),
+    repo_id: str = typer.Argument(..., help="Hub repository (org/name or user/name); created if it does not exist."),
+    private: bool = typer.Option(False, "--private", help="Create the repository as private."),
+    token: Optional[str] = typer.Option(None, "--token", help="Hub token with write access (default: HF_TOKEN, then the saved login).", show_default=False),
+    force: bool = typer.Option(False, "--force", help="Push even without a passing conversion_report.json."),
+    quiet: bool = QuietOption,
+):
+    """Upload a converted folder to the hub (model card, weights, remote code, report).
+
+    Refuses a folder whose conversion_report.json is missing or did not pass, unless --force.
+
+    Example:  [bold]prenorm-convert push ./gpt2-rms me/gpt2-rms[/bold]
+
+    Exit codes: 0 pushed, 2 refused or the hub failed.
+    """
+
+    def body():
+        _push(out, repo_id, private, token, force=force, quiet=quiet)
+
+    _run(body)
+
+
+def _int_list(text: str, option: str) -> tuple[int, ...]:
+    from .errors import BadInputError
+
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise BadInputError(f"{option} must be comma-separated integers such as 1,8, got '{text}'") from None
+    if not values:
+        raise BadInputError(f"{option} needs at least one value")
+    return values
+
+
+def print_bench(result: dict) -> None:
+    table = Table(title=f"{result['converted']} vs {result['original']} ({result['device']}, {result['dtype']}, {result['threads']} threads)")
+    for column in ("measurement", "original", "converted", "norm-free", "converted / original", "norm-free / original"):
+        table.add_column(column, justify="right")
+
+    def row(label: str, block: dict, scale: float = 1e3, unit: str = "ms") -> None:
+        seconds, ratios = block["seconds"], block["ratio_to_original"]
+        cells = [f"{seconds[name]['min'] * scale:.2f} / {seconds[name]['median'] * scale:.2f} {unit}" for name in ("original", "converted", "norm_free")]
+        cells += [f"{ratios[name]['of_min']:.3f} / {ratios[name]['median_of_rounds']:.3f}" for name in ("converted", "norm_free")]
+        table.add_row(label, *cells)
+
+    for point in result["prefill"]:
+        row(f"prefill {point['batch']}×{point['seq']}", point)
+    if result["decode"]:
+        decode = result["decode"]
+        row(f"decode {decode['new_tokens']} tokens (batch {decode['batch']})", decode)
+    if result["train"]:
+        row(f"train step {result['train']['batch']}×{result['train']['seq']}", result["train"])
+    stderr.print(table)
+    stderr.print("times: min / median over rounds; ratios: of the minimums / median of per-round ratios (below 1 is faster)")
+
+
+@app.command()
+def bench(
+    original: Path = typer.Argument(..., help="The original Pre-LN checkpoint folder."),
+    converted: Path = typer.Argument(..., help="A folder written by prenorm-convert."),
+    device: str = typer.Option("cpu", help="torch device: cpu, cuda, cuda:1, ..."),
+    dtype: str = typer.Option("float32", help="float32, bfloat16, float16, or auto (the converted folder's dtype)."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for torch (default: torch's choice)."),
+    batch_sizes: str = typer.Option("1,8", help="Prefill batch sizes, comma-separated."),
+    seq_lens: str = typer.Option("32,128", help="Prefill sequence lengths, comma-separated."),
+    rounds: int = typer.Option(5, help="Timed rounds; each times every variant once, order rotating."),
+    decode_tokens: int = typer.Option(32, help="Tokens decoded one at a time with a KV cache (0: skip)."),
+    train: bool = typer.Option(False, "--train", help="Also time a training step (forward + backward) at the largest prefill shape."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the measurements here ('-' for stdout)."),
+    quiet: bool = QuietOption,
+):
+    """Time the converted model against the original and the norm-free lower bound, in one process.
+
+    Example:  [bold]prenorm-convert bench ./gpt2 ./gpt2-rms --dtype bfloat16 --json bench.json[/bold]
+
+    Prefill latency over the batch × sequence grid, decode tokens/s and optionally a training step; min and
+    median over interleaved rounds, and ratios to the original (below 1 is faster).
+    """
+
+    def body():
+        from .bench import BenchSettings, benchmark
+
+        settings = BenchSettings(
+            batch_sizes=_int_list(batch_sizes, "--batch-sizes"),
+            seq_lens=_int_list(seq_lens, "--seq-lens"),
+            rounds=rounds,
+            decode_tokens=decode_tokens,
+            train=train,
+        )
+        result = benchmark(original, converted, device=device, dtype=dtype, threads=threads, settings=settings, reporter=_reporter(quiet))
+        if not quiet:
+            print_bench(result)
+        _write_json(json_path, result)
 
     _run(body)
 

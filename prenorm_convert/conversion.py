@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -15,8 +16,10 @@ from . import __version__
 from .card import write_model_card
 from .checkpoint import SourceCheckpoint, atomic_output_dir
 from .errors import BadInputError, VerificationFailed
+from .hub import resolve_source
 from .plan import ConversionPlan, make_plan, parse_dtype
 from .progress import SILENT, Reporter
+from .row_blocks import DEFAULT_BLOCK_BYTES, Workspace, run_op_in_blocks, sliced_inputs, stored_copy
 from .safetensors_io import OutputTensor, StreamingShardWriter
 from .spec import match_spec
 from .transform import STEPS
@@ -24,6 +27,7 @@ from .verification import Tolerances, verify
 
 REMOTE_CODE_FILE = "modeling_prenorm.py"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
+BLOCK_BYTES = DEFAULT_BLOCK_BYTES  # float64 bytes per block of a row-wise op (tests make it tiny)
 
 
 @dataclass
@@ -87,10 +91,14 @@ def converted_config(source: SourceCheckpoint, plan: ConversionPlan, source_name
         config[spec.config_keys["tie_word_embeddings"]] = False
     config.pop("torch_dtype", None)
     config["dtype"] = str(plan.out_dtype).removeprefix("torch.")
-    auto_map = {"AutoModelForCausalLM": f"modeling_prenorm.Prenorm{plan.base_model_class}"}
     if plan.requires_remote_code:
-        auto_map["AutoConfig"] = f"modeling_prenorm.Prenorm{plan.base_config_class}"
+        auto_map = {
+            "AutoConfig": f"modeling_prenorm.Prenorm{plan.base_config_class}",
+            "AutoModelForCausalLM": f"modeling_prenorm.Prenorm{plan.base_model_class}",
+        }
         config["model_type"] = "prenorm_" + model_type
+    else:
+        auto_map = {"AutoModelForCausalLM": f"modeling_prenorm.PrenormStock{plan.base_model_class}"}
     config["auto_map"] = auto_map
     config["prenorm"] = {
         "target": plan.target,
@@ -102,12 +110,17 @@ def converted_config(source: SourceCheckpoint, plan: ConversionPlan, source_name
         "converter": "prenorm-convert",
         "converter_version": __version__,
         "hidden_size": plan.hidden_size,
-        "residual_width": plan.hidden_size - 1 if plan.target == "crmsnorm" else plan.hidden_size,
+        "residual_width": plan.residual_width,
         "untied_head": plan.untied_head,
         "requires_remote_code": plan.requires_remote_code,
         "norms": plan.norms,
         "biased": plan.biased,
         "removed": plan.removed,
+        # parameter -> shape written, where it differs from the stock class (crmsnorm: d-1 wide stream)
+        "resized": plan.resized,
+        # crmsnorm --pad-to: tensors hold the residual_width features, zero-padded to stream_width
+        "pad_to": plan.pad_to,
+        "stream_width": plan.stream_width,
     }
     return config
 
@@ -116,13 +129,29 @@ def write_weights(source: SourceCheckpoint, plan: ConversionPlan, folder: Path, 
     outputs = [OutputTensor(op.name, op.dtype, op.shape) for op in plan.ops]
     writer = StreamingShardWriter(folder, outputs, max_shard_bytes)
     tensors = _RecentTensors(source)
+    workspace = Workspace()
+    # the float64 work runs in small blocks and is bound by memory bandwidth; leave the other half
+    # of the cores to the writer thread and the kernel's copies (measured: docs/performance.md)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 2) // 2)))
     try:
         for op in reporter.track(plan.ops, "rewriting tensors", total=len(plan.ops)):
-            writer.write(op.name, run_op(op, tensors))
+            # unchanged tensors are copied file to file; row-wise ops stream in blocks, so memory
+            # does not grow with the largest tensor (row_blocks.py)
+            stored = stored_copy(op, source)
+            sliced = sliced_inputs(op, {arg: source.tensors[key].shape for arg, key in op.inputs.items()})
+            if stored is not None:
+                writer.copy_stored(op.name, stored)
+            elif sliced is None:
+                writer.write(op.name, run_op(op, tensors))
+            else:
+                writer.write_blocks(op.name, run_op_in_blocks(op, source, sliced, BLOCK_BYTES, workspace))
         writer.close()
     except BaseException:
         writer.abort()
         raise
+    finally:
+        torch.set_num_threads(threads)
     return writer.file_names
 
 
@@ -153,6 +182,9 @@ def convert(
     tolerances: Tolerances | None = None,
     prompts_file: str | Path | None = None,
     command: str | None = None,
+    revision: str | None = None,
+    token: str | None = None,
+    pad_to: int | None = None,
     reporter: Reporter = SILENT,
 ) -> ConversionResult:
     """Convert the Pre-LN checkpoint in SRC into OUT. Raises VerificationFailed (after writing OUT) when
@@ -162,22 +194,24 @@ def convert(
     max_shard_bytes = parse_size(max_shard_size)
     if out.exists() and not overwrite:
         raise BadInputError(f"'{out}' already exists; pass --overwrite to replace it, or choose another output folder")
-    source = SourceCheckpoint.open(src, allow_pickle=allow_pickle)
+    # SRC may be a hub id: download what the conversion reads (nothing is written to OUT before this succeeds)
+    resolved = resolve_source(src, revision=revision, token=token, allow_pickle=allow_pickle, reporter=reporter)
+    source = SourceCheckpoint.open(resolved.path, allow_pickle=allow_pickle)
     spec = match_spec(source.config)
     with reporter.step(f"planning the {target} conversion of a {spec.family} checkpoint"):
-        plan = make_plan(source, spec, target=target, fold_affine=fold_affine, dtype=out_dtype)
-    if Path(src).absolute() == out.absolute():
+        plan = make_plan(source, spec, target=target, fold_affine=fold_affine, dtype=out_dtype, pad_to=pad_to)
+    if resolved.path.absolute() == out.absolute():
         raise BadInputError("OUT must differ from SRC; the original checkpoint is never modified")
     report = None
     with atomic_output_dir(out, overwrite) as staging:
         write_weights(source, plan, staging, max_shard_bytes, reporter)
         source.close()
-        config = converted_config(source, plan, str(src), None)
+        config = converted_config(source, plan, resolved.name, resolved.revision)
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         copy_side_files(source, staging)
         write_remote_code(staging)
         if verify_output:
-            report = verify(src, staging, tolerances=tolerances, prompts_file=prompts_file, reporter=reporter)
+            report = verify(resolved, staging, tolerances=tolerances, prompts_file=prompts_file, reporter=reporter)
             (staging / "conversion_report.json").write_text(json.dumps(report, indent=2) + "\n")
         write_model_card(staging, config, plan, report, command)
     result = ConversionResult(out, plan, report)

@@ -19,6 +19,10 @@ class CorruptCheckpointError(BadInputError):
     """Weights on disk are truncated, inconsistent with their index, or unreadable."""
 
 
+class HubError(BadInputError):
+    """The hub could not serve (or refused) a repository, revision, file or upload."""
+
+
 class SpecError(PrenormError):
     """A family spec file is malformed (a bug in the package, not in the user's input)."""
 

@@ -24,6 +24,9 @@ SELECT name, count(*) FROM users GROUP BY name ORDER BY 2 DESC; The residual str
 
 SHAPES = {
     "gpt2": {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 128},
+    # opt-125m / bloom-560m structure, scaled down (OPT: relu MLP 4x wide, biases, learned positions)
+    "opt": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "ffn_dim": 256, "max_position_embeddings": 128},
+    "bloom": {"hidden_size": 64, "n_layer": 2, "n_head": 4},
 }
 
 

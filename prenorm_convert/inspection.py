@@ -6,6 +6,7 @@ from collections import Counter
 from pathlib import Path
 
 from .checkpoint import SourceCheckpoint
+from .hub import resolve_source
 from .plan import make_plan, parse_dtype
 from .spec import load_not_convertible, load_specs, match_spec
 
@@ -19,28 +20,42 @@ STEP_WORDS = {
     "drop_last_feature": "drop last feature",
     "drop_last_output": "drop last output",
     "merge_last_input": "merge last input column",
+    "zero_pad_feature": "zero-pad features",
+    "zero_pad_output": "zero-pad outputs",
+    "zero_pad_input": "zero-pad input columns",
 }
 
 
-def describe(src: str | Path, target: str = "rmsnorm", fold_affine: bool = False, dtype: str = "auto", allow_pickle: bool = False) -> dict:
-    source = SourceCheckpoint.open(src, allow_pickle=allow_pickle)
+def describe(
+    src: str | Path,
+    target: str = "rmsnorm",
+    fold_affine: bool = False,
+    dtype: str = "auto",
+    allow_pickle: bool = False,
+    revision: str | None = None,
+    token: str | None = None,
+    pad_to: int | None = None,
+) -> dict:
+    resolved = resolve_source(src, revision=revision, token=token, allow_pickle=allow_pickle)
+    source = SourceCheckpoint.open(resolved.path, allow_pickle=allow_pickle)
     spec = match_spec(source.config)
-    plan = make_plan(source, spec, target=target, fold_affine=fold_affine, dtype=parse_dtype(dtype))
+    plan = make_plan(source, spec, target=target, fold_affine=fold_affine, dtype=parse_dtype(dtype), pad_to=pad_to)
     changes = Counter()
     for op in plan.ops:
         words = [STEP_WORDS[name] for name, _ in op.steps if name != "identity"]
         if words:
             changes[f"{op.role}: {', '.join(words)}"] += 1
-    width = plan.hidden_size - 1 if target == "crmsnorm" else plan.hidden_size
+    width = plan.residual_width
     return {
-        "source": str(src),
+        "source": resolved.name,
+        "source_revision": resolved.revision,
         "family": spec.family,
         "model_type": source.config.get("model_type"),
         "architectures": source.config.get("architectures"),
         "hidden_size": plan.hidden_size,
         "residual_width": width,
         "num_layers": plan.num_layers,
-        "tied_head": plan.untied_head,
+        "untie_head": plan.untied_head,
         "stored_dtype": str(plan.source_dtype).removeprefix("torch."),
         "output_dtype": str(plan.out_dtype).removeprefix("torch."),
         "target": target,
@@ -55,6 +70,8 @@ def describe(src: str | Path, target: str = "rmsnorm", fold_affine: bool = False
         "norms_replaced": len(plan.norms),
         "biases_added": plan.biased,
         "modules_removed": plan.removed,
+        "tensors_resized": len(plan.resized),
+        "stream_width": plan.stream_width,
         "changes": dict(changes),
         "requires_remote_code": plan.requires_remote_code,
         "notes": _notes(plan),
@@ -63,10 +80,31 @@ def describe(src: str | Path, target: str = "rmsnorm", fold_affine: bool = False
 
 def _notes(plan) -> list[str]:
     notes = []
-    if plan.untied_head:
+    if plan.residual_width != plan.hidden_size:
+        notes.append(
+            f"the residual stream shrinks from {plan.hidden_size} to {plan.residual_width} features "
+            f"(MATH.md \"Pre-CRMSNorm\"; {len(plan.resized)} tensors change shape); hidden states are "
+            f"{plan.stream_width} wide, and the dropped feature is minus the sum of the others"
+        )
+    if plan.stream_width is not None and plan.stream_width != plan.residual_width:
+        notes.append(
+            f"the {plan.residual_width} features are stored zero-padded to {plan.stream_width} (--pad-to {plan.pad_to}) "
+            "for aligned matrix kernels; the padding stays zero and is never read"
+        )
+    if plan.untied_head and plan.residual_width != plan.hidden_size:
+        notes.append(
+            f"the tied head is untied: {plan.spec.head} gets its own table (the embedding with γ folded in and "
+            "its last column merged into the others)"
+        )
+    elif plan.untied_head:
         notes.append(
             f"the tied head is untied: {plan.spec.head} keeps the original embedding "
             f"(+{plan.params_converted - plan.params_original:,} parameters)"
+        )
+    if plan.removed:
+        notes.append(
+            f"{', '.join(plan.removed)} (a LayerNorm on the residual stream itself) is baked into the embedding table "
+            "and removed from the converted architecture"
         )
     if plan.requires_remote_code:
         notes.append("the output needs trust_remote_code=True to load (modeling_prenorm.py is written beside the weights)")

@@ -5,7 +5,12 @@ This file is copied into every converted folder as ``modeling_prenorm.py`` and l
 and transformers. A converted model is the stock transformers class of its family, with the
 module swaps recorded in ``config.prenorm`` applied right after construction:
 
-- ``norms``: LayerNorm -> RMSNorm (MATH.md "Why it is exact"), affine kept or folded away;
+- ``resized``: parameters whose shape changed (crmsnorm: the residual stream is d-1 wide, or
+  zero-padded with --pad-to; MATH.md "Pre-CRMSNorm"); config.hidden_size stays d, so attention
+  splits heads as before, and ``output_hidden_states`` returns the narrow stream
+  (``restore_full_width`` rebuilds the d-wide one);
+- ``norms``: LayerNorm -> RMSNorm (MATH.md "Why it is exact"), affine kept or folded away, or
+  CRMSNorm on the compressed stream;
 - ``biased``: linears that gained a bias when the norm's β was folded into them;
 - ``removed``: main-branch norms baked into the embedding table (MATH.md, stem norms).
 
@@ -21,6 +26,50 @@ import transformers
 from torch import nn
 
 PREFIX = "Prenorm"
+STOCK_PREFIX = "PrenormStock"
+
+
+def rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """γ ⊙ x / sqrt(mean(x²) + ε) + β over the last axis, on the fastest exact path torch offers.
+
+    Never LayerNorm's kernel, although LN(x) = RMSNorm(x) on the zero-mean stream a conversion
+    writes (MATH.md "Why it is exact"): in bf16/fp16 the stream is zero-mean only to the dtype's
+    rounding (MATH.md "Numerics"), and a fine-tuned, rotated or steered model has no zero-mean
+    stream at all, where the LN kernel would silently compute another function than RMSNorm.
+
+    On CUDA (and other accelerators) torch's ``rms_norm`` is one fused kernel. On CPU it is a
+    composite that upcasts bf16 to float32 and makes several full-size temporaries, and the
+    allocator's churn costs more than the arithmetic (docs/performance.md); so here the sum of
+    squares is one reduction accumulating in float32 (no float32 copy), and the result is a single
+    buffer, scaled, then given γ and β by one fused in-place ``addcmul`` (out of place when autograd
+    records, which cannot differentiate in-place writes of this kind).
+    """
+    if hidden_states.device.type != "cpu":
+        out = nn.functional.rms_norm(hidden_states, (hidden_states.shape[-1],), weight, eps)
+        return out if bias is None else out + bias
+    out = normalize_rows(hidden_states, mean_square(hidden_states), eps)
+    if weight is None:
+        return out if bias is None else out + bias
+    recording = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden_states, weight, bias))
+    if bias is None:
+        return out * weight if recording else out.mul_(weight)
+    return torch.addcmul(bias, out, weight) if recording else torch.addcmul(bias, out, weight, out=out)
+
+
+def mean_square(hidden_states: torch.Tensor) -> torch.Tensor:
+    """mean(x²) over the last axis, keepdim, accumulated in float32 or wider without an upcast copy."""
+    accumulate = torch.promote_types(hidden_states.dtype, torch.float32)
+    norm = torch.linalg.vector_norm(hidden_states, dim=-1, keepdim=True, dtype=accumulate)
+    return norm.square() / hidden_states.shape[-1]
+
+
+def normalize_rows(hidden_states: torch.Tensor, mean_square: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean_square + ε), in x's dtype: one full-size product. In bf16/fp16 the per-row
+    scale is rounded to that dtype first (one rounding more than a fused kernel; bounded in
+    tests/test_fast_norms.py). Shared by the norms of this file (a CRMSNorm can pass its own mean
+    square, (Σ x̃² + (Σ x̃)²) / d)."""
+    inverse_rms = torch.rsqrt(mean_square + eps)
+    return hidden_states * inverse_rms.to(hidden_states.dtype)
 
 
 class PrenormRMSNorm(nn.Module):
@@ -34,14 +83,87 @@ class PrenormRMSNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(width)) if affine and bias else None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        out = nn.functional.rms_norm(hidden_states, (self.width,), self.weight, self.eps)
-        return out if self.bias is None else out + self.bias
+        return rms_norm(hidden_states, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.width}, eps={self.eps}, affine={self.weight is not None}, bias={self.bias is not None}"
 
 
 NORM_KINDS = {"rmsnorm": PrenormRMSNorm}
+
+
+class PrenormCRMSNorm(nn.Module):
+    """CRMSNorm(x̃) = x̃ / sqrt((Σ x̃² + (Σ x̃)²) / d + ε) on the (d-1)-wide compressed stream.
+
+    It returns the first d-1 components of the affine-free RMSNorm of the zero-mean x = [x̃, -Σ x̃]
+    (MATH.md "Pre-CRMSNorm"); γ and β are always folded into the readers. Both sums are taken in
+    float32 (or wider) whatever the input dtype, so bf16/fp16 activations lose nothing to them.
+    """
+
+    def __init__(self, width: int, eps: float, affine: bool = False, bias: bool = False):
+        super().__init__()
+        if affine:
+            raise ValueError("CRMSNorm has no affine parameters: the conversion folds γ and β into the readers")
+        self.width = width  # d - 1
+        self.eps = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # two reductions that accumulate in float32 without a float32 copy of the input, one product
+        # in float32 and one rounding to the input dtype. Zero-padded features (--pad-to) add nothing
+        # to either sum and stay zero: d is self.width + 1, never the tensor's width.
+        accumulate = torch.promote_types(hidden_states.dtype, torch.float32)
+        total = hidden_states.sum(-1, keepdim=True, dtype=accumulate)
+        squares = torch.linalg.vector_norm(hidden_states, dim=-1, keepdim=True, dtype=accumulate).square()
+        inverse_rms = torch.addcmul(squares, total, total).div_(self.width + 1).add_(self.eps).rsqrt_()
+        return (hidden_states * inverse_rms).to(hidden_states.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.width} (full width {self.width + 1}), eps={self.eps}"
+
+
+NORM_KINDS["crmsnorm"] = PrenormCRMSNorm
+
+
+def restore_full_width(hidden_states: torch.Tensor, residual_width: int | None = None) -> torch.Tensor:
+    """The d-wide zero-mean vector behind a crmsnorm model's (d-1)-wide hidden state: x_d = -Σ x̃.
+
+    Holds for the residual stream (``output_hidden_states``) and for CRMSNorm outputs alike. Pass
+    ``config.prenorm["residual_width"]`` for a checkpoint converted with --pad-to (its zero padding is dropped).
+    """
+    compressed = hidden_states if residual_width is None else hidden_states[..., :residual_width]
+    return torch.cat([compressed, -compressed.sum(-1, keepdim=True)], dim=-1)
+
+
+def _size_attributes(module: nn.Module) -> tuple[tuple[str, int], ...]:
+    """(attribute, weight axis) pairs that a module's forward reads its sizes from."""
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, nn.Embedding):
+        return (("num_embeddings", 0), ("embedding_dim", 1))
+    if isinstance(module, nn.Linear):
+        return (("out_features", 0), ("in_features", 1))
+    if isinstance(module, Conv1D):  # weight [in, out]; forward shapes its output with self.nf
+        return (("nx", 0), ("nf", 1))
+    raise TypeError(f"cannot resize a {type(module).__name__}: only Embedding, Linear and Conv1D are supported")
+
+
+def _resize_parameters(model: nn.Module, resized: dict) -> None:
+    """Give every listed parameter its written shape (config.prenorm["resized"]: name -> shape) and
+    keep the owning module's size attributes in step. Values are copied where old and new overlap,
+    so a model built without weights is still initialized."""
+    owners = {}
+    for name, shape in resized.items():
+        path, _, attribute = name.rpartition(".")
+        module = model.get_submodule(path)
+        old = getattr(module, attribute)
+        new = torch.zeros(tuple(shape), dtype=old.dtype, device=old.device)
+        overlap = tuple(slice(0, min(a, b)) for a, b in zip(old.shape, shape))
+        new[overlap] = old.detach()[overlap]
+        setattr(module, attribute, nn.Parameter(new, requires_grad=old.requires_grad))
+        owners[path] = module
+    for module in owners.values():
+        for attribute, axis in _size_attributes(module):
+            setattr(module, attribute, module.weight.shape[axis])
 
 
 def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -56,6 +178,7 @@ def _out_features(module: nn.Module) -> int:
 
 def apply_prenorm_swaps(model: nn.Module, block: dict) -> None:
     """Rebuild the converted architecture in place from the ``prenorm`` config block."""
+    _resize_parameters(model, block.get("resized", {}))
     for path, norm in block["norms"].items():
         old = model.get_submodule(path)
         width = norm.get("width", old.normalized_shape[0])
@@ -74,32 +197,39 @@ def _make_config_class(base_name: str) -> type:
     return type(PREFIX + base_name, (base,), {"model_type": "prenorm_" + base.model_type, "__module__": __name__})
 
 
-def _make_model_class(base_name: str) -> type:
+def _make_model_class(base_name: str, stock_config: bool) -> type:
     base = getattr(transformers, base_name)
 
     def __init__(self, config, *args, **kwargs):
         base.__init__(self, config, *args, **kwargs)
-        apply_prenorm_swaps(self, config.prenorm)
+        # a stock config (no prenorm block) builds the stock model: transformers versions that
+        # register remote classes for stock configs must not change how plain checkpoints load
+        block = getattr(config, "prenorm", None)
+        if block is not None:
+            apply_prenorm_swaps(self, block)
 
-    # config_class must be the Prenorm config so that transformers can register the pair when the
-    # folder's model_type is prenorm_*; a stock config (graceful rmsnorm folders) is a base of it.
-    config_class = prenorm_class(PREFIX + base.config_class.__name__)
-    return type(PREFIX + base_name, (base,), {"__init__": __init__, "__module__": __name__, "config_class": config_class})
+    # transformers checks that a remote model class names the config class of the folder:
+    # PrenormStockX for folders that keep the stock model_type, PrenormX (with PrenormXConfig)
+    # for folders whose model_type is prenorm_* because they must not load without this code.
+    name = (STOCK_PREFIX if stock_config else PREFIX) + base_name
+    config_class = base.config_class if stock_config else prenorm_class(PREFIX + base.config_class.__name__)
+    return type(name, (base,), {"__init__": __init__, "__module__": __name__, "config_class": config_class})
 
 
 _CLASSES: dict[str, type] = {}
 
 
 def prenorm_class(name: str) -> type:
-    """``PrenormXConfig`` or ``PrenormXModel`` for a stock transformers class X."""
+    """``PrenormXConfig``, ``PrenormXModel`` or ``PrenormStockXModel`` for a stock transformers class X."""
     if name not in _CLASSES:
-        if not name.startswith(PREFIX) or not hasattr(transformers, name[len(PREFIX):]):
+        stock_config = name.startswith(STOCK_PREFIX)
+        base_name = name[len(STOCK_PREFIX if stock_config else PREFIX):]
+        if not name.startswith(PREFIX) or not hasattr(transformers, base_name):
             raise AttributeError(name)
-        base_name = name[len(PREFIX):]
         if base_name.endswith("Config"):
             _CLASSES[name] = _make_config_class(base_name)
         else:
-            _CLASSES[name] = _make_model_class(base_name)
+            _CLASSES[name] = _make_model_class(base_name, stock_config)
     return _CLASSES[name]
 
 

@@ -7,6 +7,7 @@ model tree is checked against the spec before anything is planned.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -58,6 +59,17 @@ class ConversionPlan:
     source_dtype: torch.dtype
     out_dtype: torch.dtype
     notes: list[str] = field(default_factory=list)
+    # parameter name -> written shape, for every tensor whose shape differs from the stock model's
+    # (crmsnorm: the d-1 wide residual stream); the remote code resizes exactly these
+    resized: dict[str, list[int]] = field(default_factory=dict)
+    # crmsnorm --pad-to: the d-1 features are stored zero-padded to stream_width (a multiple of pad_to)
+    pad_to: int | None = None
+    stream_width: int | None = None
+
+    @property
+    def residual_width(self) -> int:
+        """Width of the residual stream in the converted model (MATH.md "Pre-CRMSNorm": d-1)."""
+        return self.hidden_size - 1 if self.target == "crmsnorm" else self.hidden_size
 
     @property
     def params_converted(self) -> int:
@@ -124,6 +136,14 @@ def _in_out(module: nn.Module) -> tuple[int, int] | None:
     return None
 
 
+def _has_module(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+    except AttributeError:  # absent, or an attribute set to None (e.g. OPT's project_in)
+        return False
+    return True
+
+
 def _check_linear(model, path, spec, d, reads: bool) -> nn.Module:
     module = _module(model, path, spec)
     dims = _in_out(module)
@@ -158,6 +178,21 @@ def check_structure(model: nn.Module, spec: FamilySpec, d: int, num_layers: int)
     for template in spec.writers:
         for path in expand(template, num_layers):
             _check_linear(model, path, spec, d, reads=False)
+    for template in spec.switched_off_writers:
+        for path in expand(template, num_layers):
+            if _has_module(model, path):
+                raise UnsupportedModelError(
+                    f"the model has '{path}', which {spec.source_file} expects only under another config; "
+                    "refusing to leave a writer of the residual stream unconverted"
+                )
+    # anything d-wide that embeds token ids writes the main branch: it must be declared (and centered)
+    embeddings = {path for template in spec.embeddings for path in expand(template, num_layers)}
+    stray = [name for name, module in model.named_modules() if isinstance(module, nn.Embedding) and module.embedding_dim == d and name not in embeddings]
+    if stray:
+        raise UnsupportedModelError(
+            f"the model has {d}-wide embedding(s) {stray[:3]} that {spec.source_file} does not declare; "
+            "refusing to leave a writer of the residual stream unconverted"
+        )
     declared = {path for template in norm_templates for path in expand(template, num_layers)}
     stray = [name for name, module in model.named_modules() if isinstance(module, nn.LayerNorm) and name not in declared]
     if stray:
@@ -171,17 +206,27 @@ def check_structure(model: nn.Module, spec: FamilySpec, d: int, num_layers: int)
 
 
 class _Planner:
-    def __init__(self, source: SourceCheckpoint, spec: FamilySpec, target: str, fold_affine: bool, dtype: torch.dtype | None):
+    def __init__(
+        self, source: SourceCheckpoint, spec: FamilySpec, target: str, fold_affine: bool, dtype: torch.dtype | None, pad_to: int | None = None
+    ):
         if target not in TARGETS:
             raise BadInputError(f"--target must be one of {', '.join(TARGETS)}, got '{target}'")
+        if pad_to is not None and (target != "crmsnorm" or pad_to < 1):
+            raise BadInputError(f"--pad-to needs --target crmsnorm and a positive multiple, got --target {target} --pad-to {pad_to}")
+        self.pad_to = pad_to
         self.source, self.spec, self.target = source, spec, target
         self.fold = fold_affine or target == "crmsnorm"
         self.dtype = dtype
-        config = source.config
-        self.d = spec.hidden_size(config)
-        self.L = spec.num_layers(config)
-        model = build_meta_model(config)
+        model = build_meta_model(source.config)
         self.model = model
+        # sizes and spec conditions read the parsed config: defaults filled in, legacy names
+        # (e.g. BLOOM's n_embed) mapped by transformers
+        self.spec = spec = spec.resolve(model.config)
+        settings = model.config.to_dict()
+        self.d = spec.hidden_size(settings)
+        self.L = spec.num_layers(settings)
+        # crmsnorm: d-1 features, stored zero-padded to a multiple of --pad-to if asked
+        self.stream_width = -(-(self.d - 1) // (pad_to or 1)) * (pad_to or 1)
         check_structure(model, spec, self.d, self.L)
         self.params = dict(model.named_parameters(remove_duplicate=False))
         self.stored = self._map_stored_keys()
@@ -241,7 +286,14 @@ class _Planner:
 
     def plan(self) -> ConversionPlan:
         spec, L = self.spec, self.L
-        tied = spec.is_tied(self.source.config) and not self.has(f"{spec.head}.weight")
+        # A tied config means transformers computes the head from the embedding, even when the file
+        # also stores a copy of it: the head reads the embedding's key and is written untied.
+        # It is untied only if the conversion rewrites the shared table or the head (MATH.md "Tied
+        # embeddings"); OPT with project_in keeps both embed_tokens and the head, and their tie.
+        rewritten = {m for t in spec.embeddings for m in expand(t, L)} | {
+            reader for group in spec.norms for _, readers in expand_group(group, L) for reader in readers
+        }
+        tied = spec.is_tied(self.source.config) and bool({spec.head, spec.head_tied_to} & rewritten)
         stem_embeddings = {stem.embedding: stem for stem in spec.stem_norms}
         compress = self.target == "crmsnorm"
 
@@ -259,24 +311,24 @@ class _Planner:
                     self.done.update({gamma, beta})
                 steps.append(("center_rows", {}))
                 if compress:
-                    steps.append(("drop_last_feature", {}))
+                    steps += self._compressed("feature")
                 self.add(name, "embedding", inputs, steps)
 
         for template in spec.writers:
             for module in expand(template, L):
                 layout = spec.layout_of(module)
                 weight, bias = f"{module}.weight", f"{module}.bias"
-                steps = [("center_writer_weight", {"layout": layout})] + ([("drop_last_output", {"layout": layout})] if compress else [])
+                steps = [("center_writer_weight", {"layout": layout})] + (self._compressed("output", layout) if compress else [])
                 self.add(weight, "writer", {"weight": self.key(weight)}, steps)
                 if self.has(bias):
-                    steps = [("center_vector", {})] + ([("drop_last_feature", {})] if compress else [])
+                    steps = [("center_vector", {})] + (self._compressed("feature") if compress else [])
                     self.add(bias, "writer", {"x": self.key(bias)}, steps)
 
         for group in spec.norms:
             for norm, readers in expand_group(group, L):
                 gamma, beta = self.norm_params(norm)
                 width = self.d - 1 if compress else self.d
-                self.norms[norm] = {"kind": self.target, "affine": not self.fold, "bias": beta is not None, "width": width}
+                self.norms[norm] = {"kind": self.target, "affine": not self.fold and gamma is not None, "bias": beta is not None, "width": width}
                 if not self.fold:
                     for param in (gamma, beta):
                         if param:
@@ -295,7 +347,12 @@ class _Planner:
 
         dropped = [key for key in self.source.tensors if key not in {k for op in self.ops for k in op.inputs.values()}]
         stored_dtype = self.source.stored_dtype()
-        return ConversionPlan(
+        resized = {
+            op.name: list(op.shape)
+            for op in self.ops
+            if op.name in self.params and tuple(op.shape) != tuple(self.params[op.name].shape)
+        }
+        plan = ConversionPlan(
             spec=spec,
             target=self.target,
             fold_affine=self.fold,
@@ -312,7 +369,13 @@ class _Planner:
             params_original=sum(_numel(t.shape) for t in self.source.tensors.values() if t.name in set(self.stored.values())),
             source_dtype=stored_dtype,
             out_dtype=self.dtype or stored_dtype,
+            resized=resized,
+            pad_to=self.pad_to,
+            stream_width=self.stream_width if self.target == "crmsnorm" else self.d,
         )
+        if resized:
+            check_resized_forward(self.model, plan)
+        return plan
 
     def _plan_reader(self, reader: str, gamma: str | None, beta: str | None, tied: bool) -> None:
         spec = self.spec
@@ -320,7 +383,7 @@ class _Planner:
         weight, bias = f"{reader}.weight", f"{reader}.bias"
         weight_key = self.key(spec.head_tied_to + ".weight") if (reader == spec.head and tied) else self.key(weight)
         dtype_from = spec.head_tied_to + ".weight" if (reader == spec.head and tied) else weight
-        compress = [("merge_last_input", {"layout": layout})] if self.target == "crmsnorm" else []
+        compress = self._compressed("input", layout) if self.target == "crmsnorm" else []
         if self.fold and gamma:
             self.add(weight, "reader", {"weight": weight_key, "gamma": self.key(gamma)}, [("fold_gamma", {"layout": layout})] + compress, dtype_from)
         else:
@@ -334,6 +397,20 @@ class _Planner:
             self.add(bias, "reader", inputs, [("fold_beta", {"layout": layout})], dtype_from)
         elif self.has(bias):
             self.add(bias, "reader", {"x": self.key(bias)}, [("identity", {})])
+
+    def _compressed(self, axis: str, layout: str | None = None) -> list[tuple[str, dict]]:
+        """Steps that take a tensor's stream axis from d to d-1 (MATH.md "Pre-CRMSNorm"), then zero-pad it
+        to the stored stream width when --pad-to asks for an aligned one."""
+        compress, pad = {
+            "feature": ("drop_last_feature", "zero_pad_feature"),
+            "output": ("drop_last_output", "zero_pad_output"),
+            "input": ("merge_last_input", "zero_pad_input"),
+        }[axis]
+        params = {} if layout is None else {"layout": layout}
+        steps = [(compress, params)]
+        if self.stream_width != self.d - 1:
+            steps.append((pad, {**params, "width": self.stream_width}))
+        return steps
 
     def _ordered(self) -> list[TensorOp]:
         """Model parameter order (as save_pretrained writes), new tensors after their weight."""
@@ -372,5 +449,65 @@ def _infer_shape(shapes: dict[str, tuple[int, ...]], steps) -> tuple[int, ...]:
     return tuple(value.shape)
 
 
-def make_plan(source: SourceCheckpoint, spec: FamilySpec, target: str = "rmsnorm", fold_affine: bool = False, dtype: torch.dtype | None = None) -> ConversionPlan:
-    return _Planner(source, spec, target, fold_affine, dtype).plan()
+def make_plan(
+    source: SourceCheckpoint,
+    spec: FamilySpec,
+    target: str = "rmsnorm",
+    fold_affine: bool = False,
+    dtype: torch.dtype | None = None,
+    pad_to: int | None = None,
+) -> ConversionPlan:
+    return _Planner(source, spec, target, fold_affine, dtype, pad_to).plan()
+
+
+def swaps_block(plan: ConversionPlan) -> dict:
+    """The part of config.prenorm that the remote code (modeling.apply_prenorm_swaps) rebuilds from."""
+    return {
+        "target": plan.target,
+        "hidden_size": plan.hidden_size,
+        "residual_width": plan.residual_width,
+        "stream_width": plan.stream_width,
+        "norms": plan.norms,
+        "biased": plan.biased,
+        "removed": plan.removed,
+        "resized": plan.resized,
+    }
+
+
+def check_resized_forward(model: nn.Module, plan: ConversionPlan) -> None:
+    """Run one forward pass of the resized architecture with fake tensors (no memory, no data).
+
+    The family's transformers code may assume somewhere that the residual width equals hidden_size
+    (e.g. an accumulator made with ``zeros_like`` of a hidden_size-wide tensor); a shape error here
+    refuses the conversion up front instead of writing a checkpoint that cannot run. The stock model
+    runs first: if even it cannot run with fake tensors, nothing can be learned and the check is skipped.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from .modeling import apply_prenorm_swaps
+
+    def forward() -> None:
+        fake_tensor_log = logging.getLogger("torch._subclasses.fake_tensor")  # logs every failed op at ERROR
+        level = fake_tensor_log.level
+        fake_tensor_log.setLevel(logging.CRITICAL)
+        try:
+            with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
+                model(input_ids=torch.zeros((1, 3), dtype=torch.long, device="meta"), use_cache=False)
+        finally:
+            fake_tensor_log.setLevel(level)
+
+    try:
+        forward()
+    except Exception:  # noqa: BLE001 - the stock model is not traceable this way; nothing to compare
+        return
+    with torch.device("meta"):
+        apply_prenorm_swaps(model, swaps_block(plan))
+    try:
+        forward()
+    except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnsupportedModelError(
+            f"the {plan.target} target cannot run this {plan.spec.family} checkpoint: the installed transformers' "
+            f"{plan.base_model_class} assumes a {plan.hidden_size}-wide residual stream somewhere ({first_line}); "
+            "use --target rmsnorm, which keeps the width"
+        ) from None

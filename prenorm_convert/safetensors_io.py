@@ -12,8 +12,11 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import torch
 
@@ -47,17 +50,25 @@ class StoredTensor:
     nbytes: int = 0
 
 
-def read_tensor(handle, info: StoredTensor) -> torch.Tensor:
+def read_tensor(handle, info: StoredTensor, into: torch.Tensor | None = None) -> torch.Tensor:
     """Read one tensor with a plain positioned read: no memory map, so nothing of the file stays
-    resident in this process once the tensor is consumed."""
+    resident in this process once the tensor is consumed. ``into``: a uint8 tensor of at least
+    ``info.nbytes`` to read into (reused by block-wise readers; the result is a view of it)."""
     dtype = DTYPES[info.dtype]
     if info.nbytes == 0:
         return torch.empty(info.shape, dtype=dtype)
-    buffer = bytearray(info.nbytes)
+    buffer = into[: info.nbytes] if into is not None else torch.empty(info.nbytes, dtype=torch.uint8)
     handle.seek(info.offset)
-    if handle.readinto(buffer) != info.nbytes:
+    if handle.readinto(memoryview(buffer.numpy())) != info.nbytes:
         raise CorruptCheckpointError(f"{info.file.name} ended while reading '{info.name}'; re-download it")
-    return torch.frombuffer(buffer, dtype=dtype).reshape(info.shape)
+    return buffer.view(dtype).reshape(info.shape)
+
+
+def row_block(info: StoredTensor, start: int, stop: int) -> StoredTensor:
+    """The rows start..stop of a stored tensor (its leading axis): a contiguous byte range."""
+    row_bytes = info.nbytes // info.shape[0] if info.shape and info.shape[0] else 0
+    shape = (stop - start, *info.shape[1:])
+    return StoredTensor(info.name, info.dtype, shape, info.file, info.offset + start * row_bytes, (stop - start) * row_bytes)
 
 
 def element_size(dtype: str) -> int:
@@ -148,8 +159,13 @@ def _header_bytes(shard: list[OutputTensor]) -> bytes:
 class StreamingShardWriter:
     """Writes tensors, in plan order, into standard safetensors shards plus an index.
 
-    Memory held: the tensor being written. Usage: ``write(name, tensor)`` for every planned
-    tensor in order, then ``close()``.
+    Memory held: the tensor being written. Usage: ``write(name, tensor)`` (or ``write_blocks``)
+    for every planned tensor in order, then ``close()`` (or ``abort()``).
+
+    The file jobs run in order on one background thread, so the caller computes the next tensor
+    or block while the previous one goes to disk. Jobs that hold a tensor are in flight one at a
+    time: a written tensor or block must stay untouched until the next one is handed over. Jobs
+    that hold no memory (file-to-file copies, a shard's fsync) queue freely behind them.
     """
 
     def __init__(self, folder: Path, tensors: list[OutputTensor], max_shard_bytes: int):
@@ -165,27 +181,72 @@ class StreamingShardWriter:
         self._next = 0
         self._handle = None
         self._open_shard = -1
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prenorm-writer")
+        self._pending: deque[tuple[Future, bool]] = deque()  # (job, holds a tensor)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        shard_index, expected = self._order[self._next]
-        if name != expected.name or tuple(tensor.shape) != expected.shape or tensor.dtype != expected.dtype:
+        expected = self._begin(name)
+        if tuple(tensor.shape) != expected.shape or tensor.dtype != expected.dtype:
             raise RuntimeError(
                 f"writer expected {expected.name} {expected.shape} {expected.dtype}, got {name} {tuple(tensor.shape)} {tensor.dtype}"
             )
+        self._write_data(tensor)
+        self._next += 1
+
+    def write_blocks(self, name: str, blocks: Iterable[torch.Tensor]) -> None:
+        """Write one tensor given as consecutive blocks of rows (its leading axis), each written as
+        soon as it arrives: memory holds one block, not the tensor."""
+        expected = self._begin(name)
+        rows = 0
+        for block in blocks:
+            if block.dtype != expected.dtype or block.dim() == 0 or tuple(block.shape[1:]) != expected.shape[1:]:
+                raise RuntimeError(f"writer expected rows of {expected.name} {expected.shape} {expected.dtype}, got {tuple(block.shape)} {block.dtype}")
+            self._write_data(block)
+            rows += block.shape[0]
+        if rows != expected.shape[0]:
+            raise RuntimeError(f"writer expected {expected.shape[0]} rows of {expected.name}, got {rows}")
+        self._next += 1
+
+    def copy_stored(self, name: str, stored: StoredTensor) -> None:
+        """Write a tensor whose bytes are exactly a stored one's (an unchanged tensor in the same
+        dtype): copied file to file by the kernel where it can, never through this process's memory."""
+        expected = self._begin(name)
+        if expected.nbytes != stored.nbytes or DTYPE_NAMES[expected.dtype] != stored.dtype:
+            raise RuntimeError(f"writer expected {expected.name} {expected.shape} {expected.dtype}, got the stored bytes of {stored.name}")
+        self._submit(_copy_range, self._handle, stored, holds_tensor=False)
+        self._next += 1
+
+    def _begin(self, name: str) -> OutputTensor:
+        """Check that ``name`` is the next planned tensor; open its shard (header first) if needed."""
+        shard_index, expected = self._order[self._next]
+        if name != expected.name:
+            raise RuntimeError(f"writer expected {expected.name} {expected.shape} {expected.dtype} next, got {name}")
         if shard_index != self._open_shard:
             self._finish_shard()
             self._handle = open(self.folder / self.file_names[shard_index], "wb")
             self._handle.write(_header_bytes(self.shards[shard_index]))
             self._open_shard = shard_index
+        return expected
+
+    def _write_data(self, tensor: torch.Tensor) -> None:
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        self._handle.write(memoryview(data.numpy()))
-        self._next += 1
+        self._submit(self._handle.write, memoryview(data.numpy()))
+
+    def _submit(self, job, *args, holds_tensor: bool = True) -> None:
+        """Queue a file job; one that holds a tensor first waits for the previous such job."""
+        if holds_tensor:
+            while any(holds for _, holds in self._pending):
+                self._pending.popleft()[0].result()
+        self._pending.append((self._io.submit(job, *args), holds_tensor))
+
+    def _wait(self) -> None:
+        """Wait for every queued job; the first error is raised here."""
+        while self._pending:
+            self._pending.popleft()[0].result()
 
     def _finish_shard(self) -> None:
         if self._handle is not None:
-            self._handle.flush()
-            os.fsync(self._handle.fileno())
-            self._handle.close()
+            self._submit(_flush_and_close, self._handle, holds_tensor=False)
             self._handle = None
 
     def close(self) -> None:
@@ -193,6 +254,8 @@ class StreamingShardWriter:
             self.abort()
             raise RuntimeError(f"writer closed after {self._next} of {len(self._order)} tensors")
         self._finish_shard()
+        self._wait()
+        self._io.shutdown()
         if len(self.shards) > 1:
             weight_map = {
                 tensor.name: self.file_names[i] for i, shard in enumerate(self.shards) for tensor in shard
@@ -202,6 +265,48 @@ class StreamingShardWriter:
             (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
     def abort(self) -> None:
+        try:
+            self._wait()
+        except Exception:  # noqa: BLE001 - the caller is already handling the original failure
+            pass
+        self._io.shutdown()
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+
+
+_COPY_CHUNK = 64 * 2**20
+
+
+def _copy_range(handle, stored: StoredTensor) -> None:
+    """Append the stored tensor's bytes to ``handle``: os.copy_file_range (Linux; in-kernel, or a
+    reflink on file systems that share blocks), else a plain read/write loop in bounded chunks."""
+    handle.flush()
+    position = handle.tell()
+    source = os.open(stored.file, os.O_RDONLY)
+    try:
+        done = 0
+        if hasattr(os, "copy_file_range"):
+            try:
+                while done < stored.nbytes:
+                    count = os.copy_file_range(source, handle.fileno(), stored.nbytes - done, stored.offset + done, position + done)
+                    if count == 0:
+                        raise CorruptCheckpointError(f"{stored.file.name} ended while reading '{stored.name}'; re-download it")
+                    done += count
+            except OSError:
+                done = 0  # not supported here (file system, kernel): fall back to copying through memory
+        while done < stored.nbytes:
+            chunk = os.pread(source, min(_COPY_CHUNK, stored.nbytes - done), stored.offset + done)
+            if not chunk:
+                raise CorruptCheckpointError(f"{stored.file.name} ended while reading '{stored.name}'; re-download it")
+            os.pwrite(handle.fileno(), chunk, position + done)
+            done += len(chunk)
+    finally:
+        os.close(source)
+    handle.seek(position + stored.nbytes)
+
+
+def _flush_and_close(handle) -> None:
+    handle.flush()
+    os.fsync(handle.fileno())
+    handle.close()

@@ -2,14 +2,18 @@
 
 A spec is a YAML file in ``prenorm_convert/configs``. Validation is strict: a missing or unknown
 key is an error naming the file and the key, so a typo never silently drops a role.
+
+An embedding, writer or reader entry is a module name, or ``{module: NAME, when: CONDITION}`` when
+the module's role depends on the config (OPT's project_in/project_out); ``FamilySpec.resolve``
+turns a spec into the plain-name spec of one model.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
-from typing import Any
+from typing import Any, Union
 
 import yaml
 
@@ -20,11 +24,51 @@ LAYOUTS = ("linear", "conv1d")
 
 
 @dataclass(frozen=True)
+class Condition:
+    """A test on the model's config that switches a spec entry on or off.
+
+    Example (OPT): ``project_in`` exists, and writes the main branch, only when
+    ``word_embed_proj_dim`` differs from ``hidden_size``. Values are read from the config object
+    transformers builds (defaults and legacy names resolved), never from the raw config.json.
+    """
+
+    config_key: str
+    equal: bool  # True: holds when the values are equal; False: when they differ
+    value: Any
+    value_is_config_key: bool
+
+    def holds(self, config: Any) -> bool:
+        left = _config_attribute(config, self.config_key)
+        right = _config_attribute(config, self.value) if self.value_is_config_key else self.value
+        return (left == right) == self.equal
+
+
+def _config_attribute(config: Any, key: str) -> Any:
+    if not hasattr(config, key):
+        raise UnsupportedModelError(
+            f"a spec condition reads config key '{key}', which the installed transformers' "
+            f"{type(config).__name__} does not have; this transformers version is not supported"
+        )
+    return getattr(config, key)
+
+
+@dataclass(frozen=True)
+class Conditional:
+    """A spec entry (embedding, writer or reader) that applies only when ``when`` holds."""
+
+    module: str
+    when: Condition
+
+
+Entry = Union[str, Conditional]
+
+
+@dataclass(frozen=True)
 class NormGroup:
     """One norm on the way from the main branch into a branch, and the linears that read it."""
 
     norm: str
-    readers: tuple[str, ...]
+    readers: tuple[Entry, ...]
 
 
 @dataclass(frozen=True)
@@ -52,15 +96,34 @@ class FamilySpec:
     key_aliases: tuple[tuple[str, str], ...]
     config_keys: dict[str, str]
     layout: str
-    embeddings: tuple[str, ...]
+    embeddings: tuple[Entry, ...]
     norms: tuple[NormGroup, ...]
-    writers: tuple[str, ...]
+    writers: tuple[Entry, ...]
     head: str
     head_tied_to: str | None
     stem_norms: tuple[StemNorm, ...]
     ignore: tuple[str, ...]
     refuse: tuple[Refusal, ...]
     source_file: str = field(default="", compare=False)
+    # after resolve(): the conditional writers whose condition did not hold (they must not exist)
+    switched_off_writers: tuple[str, ...] = field(default=(), compare=False)
+
+    def resolve(self, config: Any) -> "FamilySpec":
+        """This spec for one model: conditional entries kept (as plain names) where their condition
+        holds on ``config`` (the transformers config object), dropped elsewhere."""
+
+        def active(entries: tuple[Entry, ...]) -> tuple[str, ...]:
+            return tuple(_entry_module(e) for e in entries if isinstance(e, str) or e.when.holds(config))
+
+        return replace(
+            self,
+            embeddings=active(self.embeddings),
+            writers=active(self.writers),
+            norms=tuple(NormGroup(group.norm, active(group.readers)) for group in self.norms),
+            switched_off_writers=tuple(
+                e.module for e in self.writers if isinstance(e, Conditional) and not e.when.holds(config)
+            ),
+        )
 
     # -- config access -------------------------------------------------------------------
     def config_value(self, config: dict, role: str, default: Any = None) -> Any:
@@ -150,6 +213,36 @@ def _require_keys(where: str, data: Any, required: dict[str, type], optional: di
             raise SpecError(f"{where}: key '{key}' must be a {kind.__name__}, got {type(data[key]).__name__}")
 
 
+_CONDITION_TESTS = {"equals": (True, False), "differs_from": (False, False), "equals_config_key": (True, True), "differs_from_config_key": (False, True)}
+
+
+def _parse_condition(where: str, data: Any) -> Condition:
+    _require_keys(where, data, {"config_key": str}, {test: object for test in _CONDITION_TESTS})
+    tests = [test for test in _CONDITION_TESTS if test in data]
+    if len(tests) != 1:
+        raise SpecError(f"{where}: give exactly one of {sorted(_CONDITION_TESTS)}, got {sorted(tests)}")
+    equal, value_is_key = _CONDITION_TESTS[tests[0]]
+    if value_is_key and not isinstance(data[tests[0]], str):
+        raise SpecError(f"{where}: '{tests[0]}' must name a config key")
+    return Condition(data["config_key"], equal, data[tests[0]], value_is_key)
+
+
+def _parse_entries(where: str, entries: list) -> tuple[Entry, ...]:
+    """A module name, or {module: name, when: condition} for an entry that depends on the config."""
+    parsed: list[Entry] = []
+    for i, entry in enumerate(entries):
+        if isinstance(entry, str):
+            parsed.append(entry)
+            continue
+        _require_keys(f"{where}[{i}]", entry, {"module": str, "when": dict})
+        parsed.append(Conditional(entry["module"], _parse_condition(f"{where}[{i}].when", entry["when"])))
+    return tuple(parsed)
+
+
+def _entry_module(entry: Entry) -> str:
+    return entry if isinstance(entry, str) else entry.module
+
+
 def parse_spec(data: Any, source_file: str) -> FamilySpec:
     _require_keys(source_file, data, _SPEC_KEYS)
     config_keys = data["config_keys"]
@@ -160,9 +253,10 @@ def parse_spec(data: Any, source_file: str) -> FamilySpec:
     norms = []
     for i, group in enumerate(data["norms"]):
         _require_keys(f"{source_file}: norms[{i}]", group, {"norm": str, "readers": list})
-        if LAYER not in group["norm"] and any(LAYER in reader for reader in group["readers"]):
+        readers = _parse_entries(f"{source_file}: norms[{i}].readers", group["readers"])
+        if LAYER not in group["norm"] and any(LAYER in _entry_module(reader) for reader in readers):
             raise SpecError(f"{source_file}: norms[{i}]: readers use '{LAYER}' but the norm '{group['norm']}' does not")
-        norms.append(NormGroup(group["norm"], tuple(group["readers"])))
+        norms.append(NormGroup(group["norm"], readers))
     stems = []
     for i, stem in enumerate(data["stem_norms"]):
         _require_keys(f"{source_file}: stem_norms[{i}]", stem, {"norm": str, "embedding": str, "hook": str})
@@ -186,9 +280,9 @@ def parse_spec(data: Any, source_file: str) -> FamilySpec:
         key_aliases=tuple(aliases),
         config_keys=dict(config_keys),
         layout=data["layout"],
-        embeddings=tuple(data["embeddings"]),
+        embeddings=_parse_entries(f"{source_file}: embeddings", data["embeddings"]),
         norms=tuple(norms),
-        writers=tuple(data["writers"]),
+        writers=_parse_entries(f"{source_file}: writers", data["writers"]),
         head=head["module"],
         head_tied_to=head.get("tied_to"),
         stem_norms=tuple(stems),

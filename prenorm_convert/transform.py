@@ -64,8 +64,12 @@ def fold_gamma(weight: torch.Tensor, gamma: torch.Tensor, layout: str) -> torch.
 
 @step
 def fold_beta(weight: torch.Tensor, beta: torch.Tensor, layout: str, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Reader bias b + W β (uses the weight before γ is folded in). A missing bias counts as 0."""
-    shifted = weight @ beta if layout == "linear" else beta @ weight
+    """Reader bias b + W β (uses the weight before γ is folded in). A missing bias counts as 0.
+
+    Linear: one dot product per weight row, summed row by row rather than by a matrix-vector
+    product, whose rounding may depend on how many rows it is given; so a block of rows gives
+    bit-for-bit the rows of the whole (row_blocks.py)."""
+    shifted = (weight * beta).sum(dim=-1) if layout == "linear" else beta @ weight
     return shifted if bias is None else bias + shifted
 
 
@@ -99,3 +103,30 @@ def merge_last_input(weight: torch.Tensor, layout: str) -> torch.Tensor:
     if layout == "linear":
         return weight[:, :-1] - weight[:, -1:]
     return weight[:-1, :] - weight[-1:, :]
+
+
+# -- Pre-CRMSNorm zero padding (--pad-to): the d-1 wide stream stored in an aligned width ---------
+
+
+def _zero_pad(x: torch.Tensor, axis: int, width: int) -> torch.Tensor:
+    """Append zeros along ``axis`` up to ``width``."""
+    pad = [0, 0] * (x.ndim - 1 - axis % x.ndim) + [0, width - x.shape[axis]]
+    return torch.nn.functional.pad(x, pad)
+
+
+@step
+def zero_pad_feature(x: torch.Tensor, width: int) -> torch.Tensor:
+    """Embedding [V, d-1] or writer bias [d-1] -> zero features up to ``width``."""
+    return _zero_pad(x, -1, width)
+
+
+@step
+def zero_pad_output(weight: torch.Tensor, layout: str, width: int) -> torch.Tensor:
+    """Writer weight: zero output features up to ``width``, so the padding of the stream stays zero."""
+    return _zero_pad(weight, _out_axis(layout), width)
+
+
+@step
+def zero_pad_input(weight: torch.Tensor, layout: str, width: int) -> torch.Tensor:
+    """Reader weight: zero input columns for the padding, so it is never read."""
+    return _zero_pad(weight, _in_axis(layout), width)

@@ -44,6 +44,17 @@ class Tolerances:
     greedy_tokens: int = 32
     require_greedy_match: bool | None = None
 
+    def __post_init__(self):
+        # checked when built (before any conversion work), so a bad threshold is a usage error: exit 2
+        for name in ("max_abs_logit_diff", "max_kl"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                raise BadInputError(f"--{name.replace('_', '-')} must be 0 or more, got {value}")
+        if self.min_top1 is not None and not 0 <= self.min_top1 <= 1:
+            raise BadInputError(f"--min-top1 is a fraction of positions, between 0 and 1, got {self.min_top1}")
+        if self.greedy_tokens < 0:
+            raise BadInputError(f"--greedy-tokens must be 0 (no generation compared) or more, got {self.greedy_tokens}")
+
     def resolve(self, dtype: torch.dtype, logit_scale: float, original_error: dict | None) -> dict:
         if dtype == torch.float32 or dtype == torch.float64:
             return {
@@ -188,13 +199,22 @@ def residual_mean_max(model, prompts: list[torch.Tensor]) -> float:
     worst = [0.0]
 
     def hook(_module, args):
-        x = args[0].to(torch.float64)
-        if x.shape[-1] == block["hidden_size"]:
-            mean = x.mean(-1)
-        else:  # compressed (crmsnorm) stream: the dropped component is minus the sum of the others
-            mean = torch.zeros_like(x[..., 0])
+        stream = args[0]
+        padding = None
+        if block["target"] == "crmsnorm":
+            # compressed stream, MATH.md "Pre-CRMSNorm": its implied last component is x_d = -Σ x̃.
+            # Rebuild it in the stream's own dtype, as a full-width stream would hold it, and measure
+            # the full vector like any other: what remains is that dtype's rounding. Zero padding
+            # (--pad-to) must stay exactly zero; whatever it holds counts against the stream too.
+            width = block["residual_width"]
+            stream, padding = stream[..., :width], stream[..., width:]
+            stream = torch.cat([stream, -stream.sum(-1, keepdim=True)], dim=-1)
+        x = stream.to(torch.float64)
+        mean = x.mean(-1).abs()
         rms = x.pow(2).mean(-1).sqrt().clamp_min(1e-30)
-        worst[0] = max(worst[0], float((mean.abs() / rms).max()))
+        if padding is not None and padding.shape[-1]:
+            mean = torch.maximum(mean, padding.to(torch.float64).abs().amax(-1))
+        worst[0] = max(worst[0], float((mean / rms).max()))
 
     handles = [model.get_submodule(path).register_forward_pre_hook(hook) for path in block["norms"]]
     try:
@@ -217,10 +237,18 @@ def verify(
     tolerances: Tolerances | None = None,
     prompts_file: str | Path | None = None,
     dtype: torch.dtype | None = None,
+    revision: str | None = None,
+    token: str | None = None,
     reporter: Reporter = SILENT,
 ) -> dict:
-    """Compare a converted folder with its original; returns the report dict (see DESIGN.md)."""
+    """Compare a converted folder with its original; returns the report dict (see DESIGN.md).
+
+    ORIGINAL may be a hub id; without `revision` it is read at the commit CONVERTED records, if any."""
+    from .hub import recorded_revision, resolve_source
+
     tolerances = tolerances or Tolerances()
+    source = resolve_source(original, revision=revision or recorded_revision(original, converted), token=token, reporter=reporter)
+    original = source.path
     for path in (original, converted):
         if not Path(path).is_dir():
             raise BadInputError(f"'{path}' is not a checkpoint folder")
@@ -240,7 +268,7 @@ def verify(
             reduced_original = load_original(original, dtype)
             original_error = compare_logits(reference, _logits(reduced_original, prompts))
     pad = _pad_id(reference_model)
-    greedy_prompts = prompts[:2]
+    greedy_prompts = prompts[:2] if tolerances.greedy_tokens > 0 else []  # --greedy-tokens 0: not compared
     with reporter.step(f"greedy generation of {tolerances.greedy_tokens} tokens"):
         matches = []
         for ids in greedy_prompts:
@@ -277,6 +305,8 @@ def verify(
         "original_in_dtype": original_error,
         "prompts": len(prompts),
         "target": candidate_model.config.prenorm["target"],
+        "source": source.name,
+        "source_revision": source.revision,
         "tolerances": limits,
         "failures": failures,
         "passed": not failures,

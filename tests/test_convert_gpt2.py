@@ -160,7 +160,7 @@ def test_inspect_and_families(gpt2_dir, checkpoints):
     result = run_cli("inspect", gpt2_dir, "--fold-affine", "--json")
     assert result.exit_code == 0, result.stderr
     info = json.loads(result.stdout)
-    assert info["family"] == "gpt2" and info["tied_head"] is True and info["requires_remote_code"] is True
+    assert info["family"] == "gpt2" and info["untie_head"] is True and info["requires_remote_code"] is True
     assert info["biases_added"] == ["lm_head"]
     assert sorted(p.name for p in gpt2_dir.iterdir()) == before
     text = run_cli("inspect", gpt2_dir)

@@ -1,0 +1,363 @@
+"""Speed of a converted model next to its original: prefill latency, decode throughput, a training step.
+
+Three variants run in one process on the same inputs:
+
+- ``original``: the Pre-LN checkpoint as transformers loads it;
+- ``converted``: the folder written by prenorm-convert, loaded with its own remote code
+  (``verification.load_converted``), so the norms are the shipped ``PrenormRMSNorm``/``CRMSNorm``;
+- ``norm_free``: the original with every LayerNorm replaced by identity — a lower bound that no
+  normalization can beat (it computes a different function; it is only a clock).
+
+Machines drift (frequency, other processes), so the variants are interleaved: every round times
+each variant once, in an order that rotates from round to round. The report gives, per variant,
+the minimum and the median, and per comparison the ratio of the minimums and the median of the
+per-round ratios (each round's times are taken moments apart, so drift cancels in them).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import platform
+import statistics
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from .errors import BadInputError
+from .progress import SILENT, Reporter
+
+VARIANTS = ("original", "converted", "norm_free")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class BenchSettings:
+    """What to measure. Prefill runs over every (batch, sequence) pair; the training step (forward +
+    backward of the language-modelling loss) uses the largest pair."""
+
+    batch_sizes: tuple[int, ...] = (1, 8)
+    seq_lens: tuple[int, ...] = (32, 128)
+    rounds: int = 5
+    decode_tokens: int = 32
+    decode_prompt: int = 32
+    decode_batch: int = 1
+    train: bool = False
+    seed: int = 0
+
+
+# -- models -------------------------------------------------------------------------------------
+
+
+def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, name, module)
+
+
+class NormFree:
+    """Swaps every LayerNorm of a model for identity while active, and back afterwards.
+
+    The norm-free variant shares the original's weights (no second copy in memory)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.norms = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.LayerNorm)]
+
+    @contextmanager
+    def active(self) -> Iterator[nn.Module]:
+        for name, _ in self.norms:
+            _set_submodule(self.model, name, nn.Identity())
+        try:
+            yield self.model
+        finally:
+            for name, module in self.norms:
+                _set_submodule(self.model, name, module)
+
+
+@dataclass
+class Variant:
+    name: str
+    model: nn.Module
+    context: Callable[[], object]  # entered around each timed call (untimed)
+
+
+def load_variants(original: str | Path, converted: str | Path, dtype: torch.dtype, device: torch.device) -> list[Variant]:
+    from .verification import load_converted, load_original
+
+    original_model = load_original(original, dtype).to(device)
+    norm_free = NormFree(original_model)
+    if not norm_free.norms:
+        raise BadInputError(f"'{original}' has no LayerNorm modules; is it the original Pre-LN checkpoint?")
+    return [
+        Variant("original", original_model, nullcontext),
+        Variant("converted", load_converted(converted, dtype=dtype).to(device), nullcontext),
+        Variant("norm_free", original_model, norm_free.active),
+    ]
+
+
+# -- timing -------------------------------------------------------------------------------------
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _cache_keyword(model: nn.Module) -> str:
+    """transformers renamed ``past_key_values`` to ``cache``; accept both."""
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def _returned_cache(output):
+    return output["cache"] if "cache" in output else output["past_key_values"]
+
+
+def _logits_to_keep(model: nn.Module) -> dict:
+    """Prefill as generation does it: logits for the last position only (when the model allows)."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
+def _interleaved(variants: list[Variant], rounds: int, prepare: Callable[[Variant], Callable[[], None]], device) -> dict[str, list[float]]:
+    """Time ``prepare(variant)()`` for every variant, once per round, rotating the order each round.
+    One untimed warm-up call per variant comes first."""
+    times: dict[str, list[float]] = {variant.name: [] for variant in variants}
+    for round_index in range(-1, rounds):
+        shift = max(round_index, 0) % len(variants)
+        for variant in variants[shift:] + variants[:shift]:
+            with variant.context():
+                call = prepare(variant)
+                _synchronize(device)
+                start = time.perf_counter()
+                call()
+                _synchronize(device)
+                elapsed = time.perf_counter() - start
+            if round_index >= 0:
+                times[variant.name].append(elapsed)
+    return times
+
+
+def summarize(times: dict[str, list[float]], baseline: str = "original") -> dict:
+    """Per variant min/median seconds; per variant, its ratio to the baseline (ratio of minimums
+    and median of the per-round ratios)."""
+    seconds = {
+        name: {"min": min(values), "median": statistics.median(values), "all": values} for name, values in times.items()
+    }
+    ratios = {}
+    if baseline in times:
+        base = times[baseline]
+        for name, values in times.items():
+            if name == baseline:
+                continue
+            ratios[name] = {
+                "of_min": min(values) / min(base),
+                "median_of_rounds": statistics.median(value / reference for value, reference in zip(values, base)),
+            }
+    return {"seconds": seconds, "ratio_to_original": ratios}
+
+
+# -- measurements -------------------------------------------------------------------------------
+
+
+def _random_ids(vocab_size: int, shape: tuple[int, ...], seed: int, device) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, shape, generator=generator).to(device)
+
+
+def measure_prefill(variants: list[Variant], batch: int, seq: int, settings: BenchSettings, vocab_size: int, device) -> dict:
+    ids = _random_ids(vocab_size, (batch, seq), settings.seed, device)
+
+    def prepare(variant: Variant):
+        keep = _logits_to_keep(variant.model)
+
+        def call():
+            with torch.inference_mode():
+                variant.model(input_ids=ids, use_cache=False, **keep)
+
+        return call
+
+    result = summarize(_interleaved(variants, settings.rounds, prepare, device))
+    return {"batch": batch, "seq": seq, "tokens": batch * seq, **result}
+
+
+def measure_decode(variants: list[Variant], settings: BenchSettings, vocab_size: int, device) -> dict:
+    """Time ``decode_tokens`` single-token steps with a KV cache after an untimed prefill of
+    ``decode_prompt`` tokens. The fed tokens are fixed (not sampled), so every variant does the same work."""
+    batch, steps = settings.decode_batch, settings.decode_tokens
+    prompt = _random_ids(vocab_size, (batch, settings.decode_prompt), settings.seed, device)
+    fed = _random_ids(vocab_size, (batch, steps), settings.seed + 1, device)
+
+    def prepare(variant: Variant):
+        model = variant.model
+        keyword = _cache_keyword(model)
+        keep = _logits_to_keep(model)
+        with torch.inference_mode():
+            cache = _returned_cache(model(input_ids=prompt, use_cache=True, **keep))
+
+        def call():
+            with torch.inference_mode():
+                for position in range(steps):
+                    model(input_ids=fed[:, position : position + 1], use_cache=True, **{keyword: cache}, **keep)
+
+        return call
+
+    result = summarize(_interleaved(variants, settings.rounds, prepare, device))
+    tokens = batch * steps
+    result["tokens_per_second"] = {
+        name: {"max": tokens / values["min"], "median": tokens / values["median"]} for name, values in result["seconds"].items()
+    }
+    return {"batch": batch, "prompt": settings.decode_prompt, "new_tokens": steps, **result}
+
+
+def measure_train_step(variants: list[Variant], batch: int, seq: int, settings: BenchSettings, vocab_size: int, device) -> dict:
+    """Forward + backward of the language-modelling loss (dropout off: the models stay in eval mode,
+    so every variant computes the same kind of step). Gradients are dropped after each step."""
+    ids = _random_ids(vocab_size, (batch, seq), settings.seed, device)
+
+    def prepare(variant: Variant):
+        model = variant.model
+        model.zero_grad(set_to_none=True)
+
+        def call():
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss.backward()
+
+        return call
+
+    result = summarize(_interleaved(variants, settings.rounds, prepare, device))
+    for variant in variants:
+        variant.model.zero_grad(set_to_none=True)
+    return {"batch": batch, "seq": seq, "tokens": batch * seq, **result}
+
+
+# -- the whole benchmark ------------------------------------------------------------------------
+
+
+def _machine(device: torch.device) -> dict:
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+    }
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(value, 2) for value in os.getloadavg()]
+    except (AttributeError, OSError):  # pragma: no cover
+        return None
+
+
+def _resolve_dtype(name: str, converted: Path) -> torch.dtype:
+    if name == "auto":
+        from .verification import converted_dtype
+
+        return converted_dtype(converted)
+    if name not in DTYPES:
+        raise BadInputError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got '{name}'")
+    return DTYPES[name]
+
+
+def _resolve_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise BadInputError(f"--device '{name}' is not a torch device (try cpu or cuda)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BadInputError("--device cuda was asked for, but torch sees no CUDA device")
+    return device
+
+
+def benchmark(
+    original: str | Path,
+    converted: str | Path,
+    *,
+    device: str = "cpu",
+    dtype: str = "float32",
+    threads: int | None = None,
+    settings: BenchSettings | None = None,
+    reporter: Reporter = SILENT,
+) -> dict:
+    """Measure ORIGINAL, CONVERTED and the norm-free bound; returns the report dict (see module doc)."""
+    settings = settings or BenchSettings()
+    original, converted = Path(original), Path(converted)
+    for path in (original, converted):
+        if not path.is_dir():
+            raise BadInputError(f"'{path}' is not a checkpoint folder")
+    if settings.rounds < 1 or min(settings.batch_sizes + settings.seq_lens) < 1:
+        raise BadInputError("rounds, batch sizes and sequence lengths must be positive")
+    if threads is not None:
+        if threads < 1:
+            raise BadInputError(f"--threads must be positive, got {threads}")
+        torch.set_num_threads(threads)
+    torch_device = _resolve_device(device)
+    torch_dtype = _resolve_dtype(dtype, converted)
+    load_before = _load_average()
+    with reporter.step("loading the original and the converted model"):
+        variants = load_variants(original, converted, torch_dtype, torch_device)
+    config = variants[0].model.config
+    vocab_size = config.vocab_size
+    max_positions = getattr(config, "max_position_embeddings", None)
+    longest = max(max(settings.seq_lens), settings.decode_prompt + settings.decode_tokens)
+    if max_positions is not None and longest > max_positions:
+        raise BadInputError(f"sequences of {longest} tokens exceed the model's {max_positions} positions")
+
+    grid = [(batch, seq) for batch in settings.batch_sizes for seq in settings.seq_lens]
+    prefill = []
+    for batch, seq in reporter.track(grid, "prefill", total=len(grid)):
+        prefill.append(measure_prefill(variants, batch, seq, settings, vocab_size, torch_device))
+    decode = None
+    if settings.decode_tokens > 0:
+        with reporter.step(f"decoding {settings.decode_tokens} tokens"):
+            decode = measure_decode(variants, settings, vocab_size, torch_device)
+    train = None
+    if settings.train:
+        batch, seq = max(settings.batch_sizes), max(settings.seq_lens)
+        with reporter.step(f"training step at {batch}×{seq}"):
+            train = measure_train_step(variants, batch, seq, settings, vocab_size, torch_device)
+    converted_block = variants[1].model.config.prenorm
+    return {
+        "original": str(original),
+        "converted": str(converted),
+        "target": converted_block.get("target"),
+        "fold_affine": converted_block.get("fold_affine"),
+        "device": str(torch_device),
+        "dtype": str(torch_dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "machine": _machine(torch_device),
+        "load_average_before": load_before,
+        "load_average_after": _load_average(),
+        "settings": asdict(settings),
+        "variants": list(VARIANTS),
+        "prefill": prefill,
+        "decode": decode,
+        "train": train,
+    }

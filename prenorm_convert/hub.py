@@ -1,0 +1,362 @@
+"""The hub: a hub id as SRC (fetch only what a conversion reads), and pushing a converted folder.
+
+huggingface_hub does all the talking, so the standard cache, HF_TOKEN / --token, HF_HUB_OFFLINE
+and HF_ENDPOINT behave exactly as they do for transformers. Every failure becomes one HubError
+line (exit 2) raised before anything is written to OUT.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .checkpoint import PICKLE_INDEX, PICKLE_SINGLE, SAFE_INDEX, SAFE_SINGLE, is_side_file
+from .errors import BadInputError, CorruptCheckpointError, HubError
+from .progress import SILENT, Reporter
+
+CONFIG = "config.json"
+REPORT = "conversion_report.json"
+# `org/name` as the hub spells repository ids (the client validates the finer rules)
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+")
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    """A SRC argument made local: the folder holding its files, and what to record about its origin."""
+
+    path: Path
+    name: str  # what the user named: the hub id, or the local path as given
+    revision: str | None = None  # the commit hash a hub source was read at; None for a local folder
+
+    @property
+    def from_hub(self) -> bool:
+        return self.revision is not None
+
+
+def is_hub_id(src: str | os.PathLike) -> bool:
+    """`org/name` that is not an existing path. Path objects, `./x`, `../x`, `/x`, `~/x` are always local."""
+    if not isinstance(src, str):
+        return False
+    text = src
+    if text.startswith((".", "/", "~", "\\")) or os.path.isabs(text) or os.path.exists(text):
+        return False
+    return HUB_ID.fullmatch(text) is not None
+
+
+def resolve_source(
+    src: str | os.PathLike | ResolvedSource,
+    *,
+    revision: str | None = None,
+    token: str | None = None,
+    allow_pickle: bool = False,
+    reporter: Reporter = SILENT,
+) -> ResolvedSource:
+    """A local folder as is, or a hub id downloaded (config, weights, side files) into the hub cache."""
+    if isinstance(src, ResolvedSource):
+        return src
+    if not is_hub_id(src):
+        if revision is not None:
+            raise BadInputError(f"--revision applies to hub ids (org/name), and '{src}' is a local path")
+        return ResolvedSource(Path(src), str(src))
+    return download(str(src), revision=revision, token=token, allow_pickle=allow_pickle, reporter=reporter)
+
+
+def recorded_revision(src: str | os.PathLike, converted: str | os.PathLike) -> str | None:
+    """The commit a converted folder was made from, when SRC is the hub id it records as its source."""
+    if not is_hub_id(src):
+        return None
+    try:
+        block = json.loads((Path(converted) / CONFIG).read_text()).get("prenorm") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    if block.get("source") == src:
+        return block.get("source_revision")
+    return None
+
+
+# -- download ---------------------------------------------------------------------------------
+
+
+def download(
+    repo_id: str,
+    *,
+    revision: str | None = None,
+    token: str | None = None,
+    allow_pickle: bool = False,
+    reporter: Reporter = SILENT,
+) -> ResolvedSource:
+    from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
+
+    with _hub_errors(repo_id, revision), _hub_progress_bars(enabled=not reporter.quiet):
+        if constants.is_offline_mode():
+            return _from_cache(repo_id, revision, allow_pickle, "HF_HUB_OFFLINE is set", "unset HF_HUB_OFFLINE to download it")
+        api = HfApi(token=token)
+        try:
+            with reporter.step(f"looking up {repo_id} on the hub"):
+                # pins the revision to a commit and records branch/tag -> commit in the cache's refs/,
+                # so a later offline run finds this snapshot by the same name
+                pinned = api.resolve_revision(repo_id, revision=revision, token=token).resolved
+                info = api.model_info(repo_id, revision=pinned, token=token)
+        except _unreachable() as exc:
+            why = f"the hub ({constants.ENDPOINT}) could not be reached ({type(exc).__name__})"
+            return _from_cache(repo_id, revision, allow_pickle, why, "check the network or HF_ENDPOINT")
+        commit = info.sha
+        names = [sibling.rfilename for sibling in info.siblings or ()]
+
+        def read_json(name: str) -> dict:
+            return _read_json(Path(hf_hub_download(repo_id, name, revision=commit, token=token)))
+
+        files = select_files(repo_id, commit, names, allow_pickle, read_json)
+        reporter.log(f"downloading {len(files)} files of {repo_id} at {commit[:12]} (the hub cache keeps them)")
+        folder = snapshot_download(repo_id, revision=commit, allow_patterns=[glob.escape(name) for name in files], token=token)
+    return ResolvedSource(Path(folder), repo_id, commit)
+
+
+def _from_cache(repo_id: str, revision: str | None, allow_pickle: bool, why: str, fix: str) -> ResolvedSource:
+    """The snapshot the standard cache holds for this revision (its refs/ map branches and tags to commits)."""
+    import huggingface_hub
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    at = f" at revision '{revision}'" if revision else ""
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, local_files_only=True, allow_patterns=[CONFIG]))
+    except LocalEntryNotFoundError:
+        raise HubError(
+            f"'{repo_id}'{at} is not in the local hub cache ({constants.HF_HUB_CACHE}) and {why}; {fix}, "
+            "or pass a local folder"
+        ) from None
+    commit = folder.name
+    names = None
+    cached_tree = getattr(huggingface_hub, "get_cached_repo_tree", None)
+    if cached_tree is not None:
+        try:
+            names = [entry.path for entry in cached_tree(repo_id, revision=commit)]
+        except Exception:  # no tree listing cached (a cache written by another tool): use the folder itself
+            names = None
+    if names is None:
+        names = [entry.name for entry in folder.iterdir() if entry.is_file()]
+
+    def incomplete(missing: list[str]) -> HubError:
+        listed = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        return HubError(
+            f"the cached snapshot of '{repo_id}' (commit {commit[:12]}) lacks {listed}, and {why}; "
+            f"{fix} to complete it"
+        )
+
+    def read_json(name: str) -> dict:
+        if not (folder / name).is_file():
+            raise incomplete([name])
+        return _read_json(folder / name)
+
+    files = select_files(repo_id, commit, names, allow_pickle, read_json)
+    missing = [name for name in files if not (folder / name).is_file()]
+    if missing:
+        raise incomplete(missing)
+    return ResolvedSource(folder, repo_id, commit)
+
+
+def select_files(
+    repo_id: str, commit: str, names: list[str], allow_pickle: bool, read_json: Callable[[str], dict]
+) -> list[str]:
+    """What a conversion reads: config.json, one weight format (safetensors first) and the top-level side files.
+
+    Never pickles unless allowed, never other frameworks' weights, subfolders or the source's README.
+    """
+    top = {name for name in names if "/" not in name}
+    where = f"hub repository '{repo_id}' (commit {commit[:12]})"
+    if CONFIG not in top:
+        raise HubError(f"{where} has no config.json, so it is not a transformers checkpoint")
+    weights = _weight_files(top, SAFE_INDEX, SAFE_SINGLE, read_json)
+    if not weights:
+        if PICKLE_INDEX not in top and PICKLE_SINGLE not in top:
+            raise HubError(f"{where} holds no weights ({SAFE_SINGLE}, {SAFE_INDEX} or {PICKLE_SINGLE})")
+        if not allow_pickle:
+            raise HubError(
+                f"{where} stores its weights as pickled *.bin files, which can run code when loaded; "
+                "pass --allow-pickle to download them and load them with torch.load(weights_only=True)"
+            )
+        weights = _weight_files(top, PICKLE_INDEX, PICKLE_SINGLE, read_json)
+    side = [name for name in top if is_side_file(name)]
+    return sorted({CONFIG, *side, *weights})
+
+
+def _weight_files(top: set[str], index: str, single: str, read_json: Callable[[str], dict]) -> list[str]:
+    if index in top:
+        try:
+            shards = sorted(set(read_json(index)["weight_map"].values()))
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise CorruptCheckpointError(f"{index} is not a valid index (no weight_map); the repository is broken") from exc
+        return [index, *shards]
+    return [single] if single in top else []
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise CorruptCheckpointError(f"{path.name} downloaded from the hub is not valid JSON ({exc})") from exc
+
+
+# -- push -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PushResult:
+    repo_id: str
+    url: str
+    commit: str | None
+    commit_url: str | None
+
+
+def check_pushable(folder: str | os.PathLike, force: bool = False) -> dict | None:
+    """The folder's conversion report, if it passed; a BadInputError unless it passed (or force)."""
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / CONFIG).read_text())
+    except (OSError, ValueError):
+        config = None
+    if not isinstance(config, dict) or "prenorm" not in config:
+        raise BadInputError(f"'{folder}' is not a folder written by prenorm-convert (no config.json with a prenorm block)")
+    report_path = folder / REPORT
+    if not report_path.exists():
+        if force:
+            return None
+        raise BadInputError(
+            f"'{folder}' has no {REPORT} (converted with --no-verify?), so nothing shows it matches the original; "
+            f"run `prenorm-convert verify ORIGINAL {folder} --json {report_path}` first, or pass --force to push it unverified"
+        )
+    try:
+        report = json.loads(report_path.read_text())
+    except ValueError:
+        report = {"passed": None, "failures": [f"{REPORT} is not valid JSON"]}
+    if not isinstance(report, dict):
+        report = {"passed": None, "failures": [f"{REPORT} is not a JSON object"]}
+    if report.get("passed") is not True and not force:
+        failures = "; ".join(report.get("failures") or []) or "its report does not say passed"
+        raise BadInputError(f"'{folder}' did not pass verification ({failures}); refusing to push it (--force pushes anyway)")
+    return report
+
+
+def push(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool = False,
+    token: str | None = None,
+    force: bool = False,
+    commit_message: str | None = None,
+    reporter: Reporter = SILENT,
+) -> PushResult:
+    """Create REPO_ID if needed and upload the converted folder; refuses an unverified or failed folder unless force."""
+    folder = Path(folder)
+    check_pushable(folder, force)
+    if HUB_ID.fullmatch(repo_id) is None:
+        raise BadInputError(f"'{repo_id}' is not a hub repository id; use org/name or user/name")
+    from huggingface_hub import HfApi, constants
+
+    if constants.is_offline_mode():
+        raise HubError("HF_HUB_OFFLINE is set, and pushing needs the hub; unset it to push")
+    api = HfApi(token=token)
+    message = commit_message or _commit_message(folder)
+    with _hub_errors(repo_id, None, pushing=True), _hub_progress_bars(enabled=not reporter.quiet):
+        with reporter.step(f"creating {repo_id} on the hub unless it exists"):
+            repo_url = api.create_repo(repo_id, private=True if private else None, exist_ok=True, token=token)
+        reporter.log(f"uploading {folder} to {repo_id}")
+        info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=message, token=token)
+    return PushResult(repo_id, str(repo_url), getattr(info, "oid", None), getattr(info, "commit_url", None))
+
+
+def _commit_message(folder: Path) -> str:
+    from . import __version__
+
+    block = json.loads((folder / CONFIG).read_text())["prenorm"]
+    return f"{block.get('family', 'model')} converted to {block.get('target', 'rmsnorm')} by prenorm-convert {__version__}"
+
+
+# -- huggingface_hub plumbing -----------------------------------------------------------------
+
+
+def _unreachable() -> tuple[type[BaseException], ...]:
+    """The client's 'the hub cannot be reached' exceptions (RevisionResolutionError: and no ref is cached)."""
+    import httpx2
+    from huggingface_hub.errors import OfflineModeIsEnabled, RevisionResolutionError
+
+    return (httpx2.ConnectError, httpx2.TimeoutException, OfflineModeIsEnabled, RevisionResolutionError)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+@contextmanager
+def _hub_errors(repo_id: str, revision: str | None, pushing: bool = False) -> Iterator[None]:
+    """The client's exceptions, as one line naming the problem and the fix."""
+    from huggingface_hub import constants
+    from huggingface_hub import errors as hf
+
+    token_hint = "pass a token (--token or HF_TOKEN)"
+    try:
+        yield
+    except HubError:
+        raise
+    except hf.GatedRepoError:
+        raise HubError(
+            f"hub repository '{repo_id}' is gated: accept its conditions at {constants.ENDPOINT}/{repo_id} with your "
+            "account, then pass that account's token (--token or HF_TOKEN)"
+        ) from None
+    except hf.RevisionNotFoundError:
+        raise HubError(
+            f"revision '{revision or 'main'}' does not exist in hub repository '{repo_id}'; "
+            "pass a branch, tag or commit hash that does (--revision)"
+        ) from None
+    except hf.RepositoryNotFoundError:
+        if pushing:
+            raise HubError(f"hub repository '{repo_id}' could not be created or found with this token; {token_hint} with write access") from None
+        raise HubError(
+            f"hub repository '{repo_id}' was not found, or it is private and this token cannot see it; "
+            f"check the id, or {token_hint}"
+        ) from None
+    except hf.HFValidationError as exc:
+        raise HubError(f"'{repo_id}' (revision {revision or 'main'}) is not valid for the hub: {_first_line(exc)}") from None
+    except hf.LocalEntryNotFoundError:
+        raise HubError(
+            f"could not download '{repo_id}': the hub stopped answering and the files are not in the local cache; "
+            "check the network and retry"
+        ) from None
+    except hf.HfHubHTTPError as exc:
+        status = exc.response.status_code if getattr(exc, "response", None) is not None else None
+        if status == 401:
+            raise HubError(f"the hub rejected the token (HTTP 401) for '{repo_id}'; {token_hint} that is valid") from None
+        if status == 403 and pushing:
+            raise HubError(f"this token may not write to '{repo_id}' (HTTP 403); use a token with write access to that namespace") from None
+        action = "the upload to" if pushing else "the download of"
+        raise HubError(f"the hub refused {action} '{repo_id}' (HTTP {status}): {_first_line(exc)}") from None
+    except _unreachable() as exc:
+        raise HubError(f"could not reach the hub at {constants.ENDPOINT} ({type(exc).__name__}); check the network or HF_ENDPOINT") from None
+    except ValueError as exc:
+        if pushing:  # e.g. README metadata the hub rejects
+            raise HubError(f"the hub refused the upload to '{repo_id}': {_first_line(exc)}") from None
+        raise
+
+
+@contextmanager
+def _hub_progress_bars(enabled: bool) -> Iterator[None]:
+    """huggingface_hub's own download/upload bars (stderr) follow --quiet."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    silence = not enabled and not are_progress_bars_disabled()
+    if silence:
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        if silence:
+            enable_progress_bars()
