@@ -12,6 +12,11 @@ Machines drift (frequency, other processes), so the variants are interleaved: ev
 each variant once, in an order that rotates from round to round. The report gives, per variant,
 the minimum and the median, and per comparison the ratio of the minimums and the median of the
 per-round ratios (each round's times are taken moments apart, so drift cancels in them).
+
+On a busy machine the end-to-end ratios scatter by a few percent, more than the norms cost. So
+the time spent inside the norms is also measured on its own (hooks around each norm module, at
+the largest prefill shape), and converted/original is estimated from it: the two models run the
+same operations but for the norms.
 """
 
 from __future__ import annotations
@@ -215,6 +220,60 @@ def measure_decode(variants: list[Variant], settings: BenchSettings, vocab_size:
     return {"batch": batch, "prompt": settings.decode_prompt, "new_tokens": steps, **result}
 
 
+def norm_modules(variant: Variant) -> list[nn.Module]:
+    """The normalization modules of a variant: the converted ones its config names, or the LayerNorms."""
+    block = getattr(variant.model.config, "prenorm", None)
+    if block:
+        return [variant.model.get_submodule(path) for path in block["norms"]]
+    return [module for module in variant.model.modules() if isinstance(module, nn.LayerNorm)]
+
+
+class NormTimer:
+    """Sums the time spent inside given modules during a forward pass (hooks around each call)."""
+
+    def __init__(self, modules: list[nn.Module], device: torch.device):
+        self.modules, self.device, self.total, self._start = modules, device, 0.0, 0.0
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        handles = []
+        for module in self.modules:
+            handles.append(module.register_forward_pre_hook(self._enter))
+            handles.append(module.register_forward_hook(self._leave))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _enter(self, module, args) -> None:
+        _synchronize(self.device)
+        self._start = time.perf_counter()
+
+    def _leave(self, module, args, output) -> None:
+        _synchronize(self.device)
+        self.total += time.perf_counter() - self._start
+
+
+def measure_norm_share(variants: list[Variant], batch: int, seq: int, settings: BenchSettings, vocab_size: int, device) -> dict:
+    """Time spent inside the norms during prefill, original and converted, in separate timed passes.
+
+    The two models run the same operations except the norms, so the converted/original ratio is
+    also estimated as 1 + (norms_converted - norms_original) / prefill_original: a far steadier
+    number than the end-to-end ratio on a busy machine, because the norms are timed alone."""
+    ids = _random_ids(vocab_size, (batch, seq), settings.seed, device)
+    measured = [variant for variant in variants if variant.name in ("original", "converted")]
+    norm_times: dict[str, list[float]] = {variant.name: [] for variant in measured}
+    for round_index in range(settings.rounds):
+        for variant in measured[round_index % 2 :] + measured[: round_index % 2]:
+            timer = NormTimer(norm_modules(variant), device)
+            with timer.active(), torch.inference_mode():
+                variant.model(input_ids=ids, use_cache=False, **_logits_to_keep(variant.model))
+            norm_times[variant.name].append(timer.total)
+    seconds = {name: {"min": min(values), "median": statistics.median(values), "all": values} for name, values in norm_times.items()}
+    return {"batch": batch, "seq": seq, "norm_seconds": seconds}
+
+
 def measure_train_step(variants: list[Variant], batch: int, seq: int, settings: BenchSettings, vocab_size: int, device) -> dict:
     """Forward + backward of the language-modelling loss (dropout off: the models stay in eval mode,
     so every variant computes the same kind of step). Gradients are dropped after each step."""
@@ -338,6 +397,15 @@ def benchmark(
     if settings.decode_tokens > 0:
         with reporter.step(f"decoding {settings.decode_tokens} tokens"):
             decode = measure_decode(variants, settings, vocab_size, torch_device)
+    largest = next(point for point in prefill if (point["batch"], point["seq"]) == (max(settings.batch_sizes), max(settings.seq_lens)))
+    with reporter.step("timing the norms alone"):
+        norms = measure_norm_share(variants, largest["batch"], largest["seq"], settings, vocab_size, torch_device)
+    prefill_original = largest["seconds"]["original"]["median"]
+    for name in ("original", "converted"):
+        norms[f"share_of_prefill_{name}"] = norms["norm_seconds"][name]["median"] / largest["seconds"][name]["median"]
+    norms["estimated_converted_over_original"] = 1 + (
+        norms["norm_seconds"]["converted"]["median"] - norms["norm_seconds"]["original"]["median"]
+    ) / prefill_original
     train = None
     if settings.train:
         batch, seq = max(settings.batch_sizes), max(settings.seq_lens)
@@ -359,5 +427,6 @@ def benchmark(
         "variants": list(VARIANTS),
         "prefill": prefill,
         "decode": decode,
+        "norms": norms,
         "train": train,
     }

@@ -419,6 +419,12 @@ def print_bench(result: dict) -> None:
     if result["train"]:
         row(f"train step {result['train']['batch']}×{result['train']['seq']}", result["train"])
     stderr.print(table)
+    norms = result["norms"]
+    stderr.print(
+        f"norms alone at {norms['batch']}×{norms['seq']}: original {norms['norm_seconds']['original']['median'] * 1e3:.2f} ms "
+        f"({norms['share_of_prefill_original']:.2%} of prefill), converted {norms['norm_seconds']['converted']['median'] * 1e3:.2f} ms "
+        f"({norms['share_of_prefill_converted']:.2%}); estimated converted / original {norms['estimated_converted_over_original']:.4f}"
+    )
     stderr.print("times: min / median over rounds; ratios: of the minimums / median of per-round ratios (below 1 is faster)")
 
 

@@ -57,10 +57,13 @@ def rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor | None, bias: tor
 
 
 def mean_square(hidden_states: torch.Tensor) -> torch.Tensor:
-    """mean(x²) over the last axis, keepdim, accumulated in float32 or wider without an upcast copy."""
-    accumulate = torch.promote_types(hidden_states.dtype, torch.float32)
-    norm = torch.linalg.vector_norm(hidden_states, dim=-1, keepdim=True, dtype=accumulate)
-    return norm.square() / hidden_states.shape[-1]
+    """mean(x²) over the last axis (keepdim), in float32 or wider.
+
+    torch accumulates the norm of a bf16/fp16 tensor in float32 and rounds only the result (one
+    value per row) to bf16/fp16; asking it for a float32 result instead makes it copy the whole
+    input to float32 first, which costs more than the norm itself."""
+    norm = torch.linalg.vector_norm(hidden_states, dim=-1, keepdim=True)
+    return norm.to(torch.promote_types(norm.dtype, torch.float32)).square() / hidden_states.shape[-1]
 
 
 def normalize_rows(hidden_states: torch.Tensor, mean_square: torch.Tensor, eps: float) -> torch.Tensor:

@@ -44,6 +44,12 @@ def test_benchmark_report_shape(gpt2_dir, converted_dir):
     check_block(report["decode"], TINY.rounds)
     assert report["decode"]["new_tokens"] == 2
     assert set(report["decode"]["tokens_per_second"]) == set(VARIANTS)
+    norms = report["norms"]
+    assert (norms["batch"], norms["seq"]) == (2, 4)
+    assert set(norms["norm_seconds"]) == {"original", "converted"}
+    assert all(len(times["all"]) == TINY.rounds and times["min"] > 0 for times in norms["norm_seconds"].values())
+    assert 0 < norms["share_of_prefill_original"] < 1 and 0 < norms["share_of_prefill_converted"] < 1
+    assert norms["estimated_converted_over_original"] > 0
     check_block(report["train"], TINY.rounds)
     assert (report["train"]["batch"], report["train"]["seq"]) == (2, 4)
     assert report["machine"]["torch"] and report["machine"]["cpu_count"] >= 1
