@@ -29,6 +29,10 @@ PREFIX = "Prenorm"
 STOCK_PREFIX = "PrenormStock"
 
 
+# CPU inputs up to this many elements (a few tokens) take the path with the fewest torch calls
+SMALL_INPUT = 1 << 15
+
+
 def rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
     """γ ⊙ x / sqrt(mean(x²) + ε) + β over the last axis, on the fastest exact path torch offers.
 
@@ -40,13 +44,20 @@ def rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor | None, bias: tor
     On CUDA (and other accelerators) torch's ``rms_norm`` is one fused kernel. On CPU it is a
     composite that upcasts bf16 to float32 and makes several full-size temporaries, and the
     allocator's churn costs more than the arithmetic (docs/performance.md); so here the sum of
-    squares is one reduction accumulating in float32 (no float32 copy), and the result is a single
+    squares is one reduction (float32 accumulation, no float32 copy), and the result is a single
     buffer, scaled, then given γ and β by one fused in-place ``addcmul`` (out of place when autograd
-    records, which cannot differentiate in-place writes of this kind).
+    records, which cannot differentiate in-place writes of this kind). A few tokens (decoding)
+    take torch's own composite instead: there the number of calls is the cost.
     """
     if hidden_states.device.type != "cpu":
         out = nn.functional.rms_norm(hidden_states, (hidden_states.shape[-1],), weight, eps)
         return out if bias is None else out + bias
+    if hidden_states.numel() <= SMALL_INPUT:
+        # a few tokens (decoding): the cost is the number of torch calls, not memory
+        out = nn.functional.rms_norm(hidden_states, (hidden_states.shape[-1],), None, eps)
+        if weight is None:
+            return out if bias is None else out + bias
+        return out * weight if bias is None else torch.addcmul(bias, out, weight)
     out = normalize_rows(hidden_states, mean_square(hidden_states), eps)
     if weight is None:
         return out if bias is None else out + bias

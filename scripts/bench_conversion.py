@@ -10,7 +10,7 @@ model. Then, in the same run and alternating (A B B A ...), it times
 - a plain copy: every shard read whole with ``safetensors.torch.load_file`` and written back with
   ``save_file``, then fsync'ed (the converter fsyncs its shards too), index and config copied,
 
-each in its own subprocess, recording wall time and peak RSS (``ru_maxrss`` from ``wait4``), and
+each in its own subprocess, recording wall time and the command's own peak RSS (VmHWM), and
 the start-up of each (interpreter and imports, timed alone) so that the ratio can also be read
 without it. Output folders are deleted after each run and the checkpoints at the end.
 
@@ -29,10 +29,19 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-COPY_SCRIPT = r"""
+
+# Each measured command reports its own peak resident memory at exit: VmHWM restarts at exec,
+# while ru_maxrss from wait4 would also count the pages of this (forked) process.
+REPORT_PEAK = (
+    "import atexit, os; atexit.register(lambda: open(os.environ['PEAK_FILE'], 'w').write("
+    "[line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM:')][0])); "
+)
+CONVERT_SCRIPT = REPORT_PEAK + "import sys; from prenorm_convert.cli import app; sys.argv[0] = 'prenorm-convert'; app()"
+COPY_SCRIPT = REPORT_PEAK + r"""
 import json, os, shutil, sys
 from pathlib import Path
 from safetensors.torch import load_file, save_file
@@ -50,15 +59,13 @@ for name in ("config.json", "model.safetensors.index.json"):
     if (src / name).exists():
         shutil.copy2(src / name, out / name)
 """
-
-CONVERT_SCRIPT = "import sys; from prenorm_convert.cli import app; sys.argv[0] = 'prenorm-convert'; app()"
 # what each command costs before it touches a tensor: interpreter, imports (the converter also builds
 # the model skeleton on the meta device, importing transformers' modeling code)
-CONVERT_STARTUP = (
+CONVERT_STARTUP = REPORT_PEAK + (
     "import sys, json; from prenorm_convert import cli, conversion; from prenorm_convert.plan import build_meta_model; "
     "build_meta_model(json.load(open(sys.argv[1])))"
 )
-COPY_STARTUP = "import safetensors.torch"
+COPY_STARTUP = REPORT_PEAK + "import safetensors.torch"
 
 
 def gpt2_tensors(n_embd: int, n_layer: int, vocab: int, positions: int) -> list[tuple[str, tuple[int, ...]]]:
@@ -123,16 +130,14 @@ def generate(folder: Path, n_embd: int, n_layer: int, n_head: int, vocab: int, p
 
 
 def run_measured(command: list[str]) -> dict:
-    """Run a command in a subprocess; its wall time and peak resident memory (from wait4)."""
-    start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - start
-    stderr = process.stderr.read().decode(errors="replace")
-    process.stderr.close()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"command failed ({status}): {' '.join(command)}\n{stderr[-2000:]}")
-    return {"seconds": seconds, "peak_rss_bytes": usage.ru_maxrss * 1024}  # Linux reports KiB
+    """Run a command in a subprocess; its wall time and its own peak resident memory (VmHWM)."""
+    with tempfile.NamedTemporaryFile("r", suffix=".peak") as peak:
+        start = time.perf_counter()
+        result = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PEAK_FILE": peak.name})
+        seconds = time.perf_counter() - start
+        if result.returncode != 0:
+            raise SystemExit(f"command failed ({result.returncode}): {' '.join(command)}\n{result.stderr.decode(errors='replace')[-2000:]}")
+        return {"seconds": seconds, "peak_rss_bytes": int(peak.read()) * 1024}  # the kernel reports KiB
 
 
 def measure_convert(src: Path, out: Path, extra: list[str]) -> dict:
@@ -145,8 +150,8 @@ def measure_convert(src: Path, out: Path, extra: list[str]) -> dict:
 
 def measure_startup(src: Path) -> dict:
     return {
-        "convert": run_measured([sys.executable, "-c", CONVERT_STARTUP, str(src / "config.json")])["seconds"],
-        "copy": run_measured([sys.executable, "-c", COPY_STARTUP])["seconds"],
+        "convert": run_measured([sys.executable, "-c", CONVERT_STARTUP, str(src / "config.json")]),
+        "copy": run_measured([sys.executable, "-c", COPY_STARTUP]),
     }
 
 
@@ -197,8 +202,10 @@ def bench_depth(args, n_layer: int) -> dict:
         "convert": summary(convert_runs),
         "convert_output_bytes": convert_runs[0]["output_bytes"],
     }
-    startup = {kind: min(run[kind] for run in startups) for kind in ("convert", "copy")}
+    startup = {kind: min(run[kind]["seconds"] for run in startups) for kind in ("convert", "copy")}
     result["startup_seconds_min"] = startup
+    # resident memory of each command before it reads a tensor (interpreter and imports)
+    result["startup_peak_rss_bytes"] = {kind: max(run[kind]["peak_rss_bytes"] for run in startups) for kind in ("convert", "copy")}
     if copy_runs:
         result["copy"] = summary(copy_runs)
         result["convert_over_copy_time"] = result["convert"]["seconds_min"] / result["copy"]["seconds_min"]

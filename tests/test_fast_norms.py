@@ -10,9 +10,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from prenorm_convert import modeling
 from prenorm_convert.modeling import PrenormRMSNorm, rms_norm
 
 EPS = 1e-5
+
+
+@pytest.fixture(autouse=True, params=["few-tokens path", "many-tokens path"])
+def cpu_path(request, monkeypatch):
+    """Every test runs through both CPU paths (chosen by input size)."""
+    monkeypatch.setattr(modeling, "SMALL_INPUT", 1 << 40 if request.param == "few-tokens path" else 0)
 
 
 def reference(x, weight, bias, eps=EPS):

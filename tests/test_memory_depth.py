@@ -4,7 +4,7 @@ Each conversion runs in its own process, which reports its own peak resident mem
 /proc/self/status: it restarts at exec, unlike ru_maxrss, which would include the test process
 the child was forked from). Twelve more layers add 85 MB of float32 weights here; holding them
 (or their float64 copies) would add at least that much. The bar is a fifth of it. Measured on the
-project's 2-core test machine: 4 layers 486 MiB, 16 layers 487 MiB (docs/performance.md).
+project's 2-core test machine: 4 layers 356 MiB, 16 layers 362 MiB (docs/performance.md).
 """
 
 from __future__ import annotations
