@@ -29,10 +29,6 @@ PREFIX = "Prenorm"
 STOCK_PREFIX = "PrenormStock"
 
 
-# CPU inputs up to this many elements (a few tokens) take the path with the fewest torch calls
-SMALL_INPUT = 1 << 15
-
-
 def rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
     """γ ⊙ x / sqrt(mean(x²) + ε) + β over the last axis, on the fastest exact path torch offers.
 
@@ -42,48 +38,62 @@ def rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor | None, bias: tor
     stream at all, where the LN kernel would silently compute another function than RMSNorm.
 
     On CUDA (and other accelerators) torch's ``rms_norm`` is one fused kernel. On CPU it is a
-    composite that upcasts bf16 to float32 and makes several full-size temporaries, and the
-    allocator's churn costs more than the arithmetic (docs/performance.md); so here the sum of
-    squares is one reduction (float32 accumulation, no float32 copy), and the result is a single
-    buffer, scaled, then given γ and β by one fused in-place ``addcmul`` (out of place when autograd
-    records, which cannot differentiate in-place writes of this kind). A few tokens (decoding)
-    take torch's own composite instead: there the number of calls is the cost.
+    composite that upcasts bf16 to float32 and makes several full-size temporaries
+    (docs/performance.md); here instead: one reduction, a few calls on one value per row
+    (``row_scale``), one full-size product (two for bf16/fp16), then γ and β by one fused in-place ``addcmul`` (out of
+    place when autograd records, which cannot differentiate in-place writes of this kind). Every
+    call costs a few microseconds inside a model, so the per-row work is kept to the fewest calls.
     """
     if hidden_states.device.type != "cpu":
         out = nn.functional.rms_norm(hidden_states, (hidden_states.shape[-1],), weight, eps)
         return out if bias is None else out + bias
-    if hidden_states.numel() <= SMALL_INPUT:
-        # a few tokens (decoding): the cost is the number of torch calls, not memory
-        out = nn.functional.rms_norm(hidden_states, (hidden_states.shape[-1],), None, eps)
-        if weight is None:
-            return out if bias is None else out + bias
-        return out * weight if bias is None else torch.addcmul(bias, out, weight)
-    out = normalize_rows(hidden_states, mean_square(hidden_states), eps)
+    out = scale_rows(hidden_states, row_scale(hidden_states, eps, hidden_states.shape[-1]))
     if weight is None:
-        return out if bias is None else out + bias
+        return out if bias is None else out.add_(bias)
     recording = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden_states, weight, bias))
     if bias is None:
         return out * weight if recording else out.mul_(weight)
     return torch.addcmul(bias, out, weight) if recording else torch.addcmul(bias, out, weight, out=out)
 
 
-def mean_square(hidden_states: torch.Tensor) -> torch.Tensor:
-    """mean(x²) over the last axis (keepdim), in float32 or wider.
+def row_scale(hidden_states: torch.Tensor, eps: float, width: int, row_sum: torch.Tensor | None = None) -> torch.Tensor:
+    """1 / sqrt((‖x‖² + row_sum²) / width + ε) per row (keepdim), in float32 (float64 for float64 x).
 
-    torch accumulates the norm of a bf16/fp16 tensor in float32 and rounds only the result (one
-    value per row) to bf16/fp16; asking it for a float32 result instead makes it copy the whole
-    input to float32 first, which costs more than the norm itself."""
-    norm = torch.linalg.vector_norm(hidden_states, dim=-1, keepdim=True)
-    return norm.to(torch.promote_types(norm.dtype, torch.float32)).square() / hidden_states.shape[-1]
+    ‖x‖ is one float32 reduction even for bf16/fp16 input (torch copies the input to float32 for
+    it). Letting torch round the norm to bf16, or rounding the scale to bf16, would be faster, but
+    either error scales a whole row the same way, and the next matmul does not average it away:
+    the converted bf16 models' mean logit errors grew by 20-70% in scripts/crmsnorm_numerics.py and
+    BLOOM's failed verification (docs/performance.md). A CRMSNorm passes the sum of its row
+    (MATH.md "Pre-CRMSNorm")."""
+    norm = torch.linalg.vector_norm(hidden_states, dim=-1, keepdim=True, dtype=torch.promote_types(hidden_states.dtype, torch.float32))
+    scale = torch.addcmul(_epsilon(eps, norm), norm, norm, value=1 / width)
+    if row_sum is not None:
+        scale = scale.addcmul_(row_sum, row_sum, value=1 / width)
+    return scale.rsqrt_()
 
 
-def normalize_rows(hidden_states: torch.Tensor, mean_square: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / sqrt(mean_square + ε), in x's dtype: one full-size product. In bf16/fp16 the per-row
-    scale is rounded to that dtype first (one rounding more than a fused kernel; bounded in
-    tests/test_fast_norms.py). Shared by the norms of this file (a CRMSNorm can pass its own mean
-    square, (Σ x̃² + (Σ x̃)²) / d)."""
-    inverse_rms = torch.rsqrt(mean_square + eps)
-    return hidden_states * inverse_rms.to(hidden_states.dtype)
+def scale_rows(hidden_states: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x * scale, rounded once to x's dtype: like LayerNorm's kernel, every element of a bf16/fp16
+    row carries one independent rounding, and no error shared by the whole row."""
+    out = hidden_states * scale
+    return out if out.dtype == hidden_states.dtype else out.to(hidden_states.dtype)
+
+
+_EPSILONS: dict = {}
+
+
+def _epsilon(eps: float, like: torch.Tensor) -> torch.Tensor:
+    """ε as a one-element tensor of float32 or wider (a 0-d tensor would not lift bf16 statistics
+    to float32), made once per ε, dtype and device; fake or traced tensors get a fresh one."""
+    dtype = torch.promote_types(like.dtype, torch.float32)
+    if type(like) is not torch.Tensor:
+        return torch.full((1,), eps, dtype=dtype, device=like.device)
+    key = (eps, dtype, like.device)
+    cached = _EPSILONS.get(key)
+    if cached is None:
+        with torch.inference_mode(False), torch.no_grad():
+            cached = _EPSILONS[key] = torch.full((1,), eps, dtype=dtype, device=like.device)
+    return cached
 
 
 class PrenormRMSNorm(nn.Module):
@@ -110,8 +120,8 @@ class PrenormCRMSNorm(nn.Module):
     """CRMSNorm(x̃) = x̃ / sqrt((Σ x̃² + (Σ x̃)²) / d + ε) on the (d-1)-wide compressed stream.
 
     It returns the first d-1 components of the affine-free RMSNorm of the zero-mean x = [x̃, -Σ x̃]
-    (MATH.md "Pre-CRMSNorm"); γ and β are always folded into the readers. Both sums are taken in
-    float32 (or wider) whatever the input dtype, so bf16/fp16 activations lose nothing to them.
+    (MATH.md "Pre-CRMSNorm"); γ and β are always folded into the readers. Both sums accumulate in
+    float32 (or wider); see ``row_scale`` for what is rounded to a bf16/fp16 input's dtype.
     """
 
     def __init__(self, width: int, eps: float, affine: bool = False, bias: bool = False):
@@ -122,14 +132,11 @@ class PrenormCRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        # two reductions that accumulate in float32 without a float32 copy of the input, one product
-        # in float32 and one rounding to the input dtype. Zero-padded features (--pad-to) add nothing
-        # to either sum and stay zero: d is self.width + 1, never the tensor's width.
-        accumulate = torch.promote_types(hidden_states.dtype, torch.float32)
-        total = hidden_states.sum(-1, keepdim=True, dtype=accumulate)
-        squares = torch.linalg.vector_norm(hidden_states, dim=-1, keepdim=True, dtype=accumulate).square()
-        inverse_rms = torch.addcmul(squares, total, total).div_(self.width + 1).add_(self.eps).rsqrt_()
-        return (hidden_states * inverse_rms).to(hidden_states.dtype)
+        # two reductions (the row's sum and norm), a few calls on one value per row, one product.
+        # Zero-padded features (--pad-to) add nothing to either sum and stay zero: d is
+        # self.width + 1, never the tensor's width.
+        row_sum = hidden_states.sum(-1, keepdim=True, dtype=torch.promote_types(hidden_states.dtype, torch.float32))
+        return scale_rows(hidden_states, row_scale(hidden_states, self.eps, self.width + 1, row_sum))
 
     def extra_repr(self) -> str:
         return f"{self.width} (full width {self.width + 1}), eps={self.eps}"
