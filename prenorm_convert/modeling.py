@@ -38,45 +38,58 @@ def rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor | None, bias: tor
     stream at all, where the LN kernel would silently compute another function than RMSNorm.
 
     On CUDA (and other accelerators) torch's ``rms_norm`` is one fused kernel. On CPU it is a
-    composite that upcasts bf16 to float32 and makes several full-size temporaries
-    (docs/performance.md); here instead: one reduction, a few calls on one value per row
-    (``row_scale``), one full-size product (two for bf16/fp16), then γ and β by one fused in-place ``addcmul`` (out of
-    place when autograd records, which cannot differentiate in-place writes of this kind). Every
-    call costs a few microseconds inside a model, so the per-row work is kept to the fewest calls.
+    composite that makes several full-size temporaries (docs/performance.md); here instead: one
+    float32 copy of a bf16/fp16 input (none for float32), one reduction, two calls on one value per
+    row (``row_scale``), then the scale and γ, β applied in place on that copy, and one rounding
+    back to the input's dtype, as LayerNorm's kernel rounds once. Out of place when autograd
+    records, which cannot differentiate in-place writes of this kind. Every call costs a few
+    microseconds inside a model, so the per-row work is kept to the fewest calls.
     """
     if hidden_states.device.type != "cpu":
         out = nn.functional.rms_norm(hidden_states, (hidden_states.shape[-1],), weight, eps)
         return out if bias is None else out + bias
-    out = scale_rows(hidden_states, row_scale(hidden_states, eps, hidden_states.shape[-1]))
-    if weight is None:
-        return out if bias is None else out.add_(bias)
-    recording = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden_states, weight, bias))
-    if bias is None:
-        return out * weight if recording else out.mul_(weight)
-    return torch.addcmul(bias, out, weight) if recording else torch.addcmul(bias, out, weight, out=out)
+    work, owned = compute_copy(hidden_states)
+    in_place = not _recording(hidden_states, weight, bias)
+    out = scale_rows(work, row_scale(work, eps, work.shape[-1]), in_place and owned)
+    if weight is not None or bias is not None:
+        out = affine(out, weight, bias, in_place)  # out is a fresh tensor here
+    return out if out.dtype == hidden_states.dtype else out.to(hidden_states.dtype)
 
 
-def row_scale(hidden_states: torch.Tensor, eps: float, width: int, row_sum: torch.Tensor | None = None) -> torch.Tensor:
-    """1 / sqrt((‖x‖² + row_sum²) / width + ε) per row (keepdim), in float32 (float64 for float64 x).
+def compute_copy(hidden_states: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """x in float32 (float64 stays float64), and whether that is a fresh copy that may be
+    overwritten. Statistics of a bf16/fp16 row must be float32: rounding the row norm or the scale
+    to bf16 scales the whole row by the same error, and measured, it raised the converted bf16
+    models' mean logit error by 20-70% (docs/performance.md)."""
+    dtype = torch.promote_types(hidden_states.dtype, torch.float32)
+    return (hidden_states, False) if hidden_states.dtype == dtype else (hidden_states.to(dtype), True)
 
-    ‖x‖ is one float32 reduction even for bf16/fp16 input (torch copies the input to float32 for
-    it). Letting torch round the norm to bf16, or rounding the scale to bf16, would be faster, but
-    either error scales a whole row the same way, and the next matmul does not average it away:
-    the converted bf16 models' mean logit errors grew by 20-70% in scripts/crmsnorm_numerics.py and
-    BLOOM's failed verification (docs/performance.md). A CRMSNorm passes the sum of its row
-    (MATH.md "Pre-CRMSNorm")."""
-    norm = torch.linalg.vector_norm(hidden_states, dim=-1, keepdim=True, dtype=torch.promote_types(hidden_states.dtype, torch.float32))
+
+def row_scale(work: torch.Tensor, eps: float, width: int, row_sum: torch.Tensor | None = None) -> torch.Tensor:
+    """1 / sqrt((‖x‖² + row_sum²) / width + ε) per row (keepdim), from one reduction and two calls
+    on one value per row. A CRMSNorm passes the sum of its row (MATH.md "Pre-CRMSNorm")."""
+    norm = torch.linalg.vector_norm(work, dim=-1, keepdim=True)
     scale = torch.addcmul(_epsilon(eps, norm), norm, norm, value=1 / width)
     if row_sum is not None:
         scale = scale.addcmul_(row_sum, row_sum, value=1 / width)
     return scale.rsqrt_()
 
 
-def scale_rows(hidden_states: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x * scale, rounded once to x's dtype: like LayerNorm's kernel, every element of a bf16/fp16
-    row carries one independent rounding, and no error shared by the whole row."""
-    out = hidden_states * scale
-    return out if out.dtype == hidden_states.dtype else out.to(hidden_states.dtype)
+def scale_rows(work: torch.Tensor, scale: torch.Tensor, in_place: bool) -> torch.Tensor:
+    return work.mul_(scale) if in_place else work * scale
+
+
+def affine(out: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, in_place: bool) -> torch.Tensor:
+    """γ ⊙ out + β by one fused op (γ, β in the model's dtype, promoted to out's)."""
+    if weight is None:
+        return out.add_(bias) if in_place else out + bias
+    if bias is None:
+        return out.mul_(weight) if in_place else out * weight
+    return torch.addcmul(bias, out, weight, out=out) if in_place else torch.addcmul(bias, out, weight)
+
+
+def _recording(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 _EPSILONS: dict = {}
@@ -120,8 +133,8 @@ class PrenormCRMSNorm(nn.Module):
     """CRMSNorm(x̃) = x̃ / sqrt((Σ x̃² + (Σ x̃)²) / d + ε) on the (d-1)-wide compressed stream.
 
     It returns the first d-1 components of the affine-free RMSNorm of the zero-mean x = [x̃, -Σ x̃]
-    (MATH.md "Pre-CRMSNorm"); γ and β are always folded into the readers. Both sums accumulate in
-    float32 (or wider); see ``row_scale`` for what is rounded to a bf16/fp16 input's dtype.
+    (MATH.md "Pre-CRMSNorm"); γ and β are always folded into the readers. Both sums are taken in
+    float32 (or wider) whatever the input dtype, and the result is rounded once to it.
     """
 
     def __init__(self, width: int, eps: float, affine: bool = False, bias: bool = False):
@@ -132,11 +145,13 @@ class PrenormCRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        # two reductions (the row's sum and norm), a few calls on one value per row, one product.
-        # Zero-padded features (--pad-to) add nothing to either sum and stay zero: d is
-        # self.width + 1, never the tensor's width.
-        row_sum = hidden_states.sum(-1, keepdim=True, dtype=torch.promote_types(hidden_states.dtype, torch.float32))
-        return scale_rows(hidden_states, row_scale(hidden_states, self.eps, self.width + 1, row_sum))
+        # as rms_norm: float32 work for bf16/fp16, two reductions (the row's sum and norm), one
+        # rounding at the end. Zero-padded features (--pad-to) add nothing to either sum and stay
+        # zero: d is self.width + 1, never the tensor's width.
+        work, owned = compute_copy(hidden_states)
+        scale = row_scale(work, self.eps, self.width + 1, work.sum(-1, keepdim=True))
+        out = scale_rows(work, scale, owned and not _recording(hidden_states))
+        return out if out.dtype == hidden_states.dtype else out.to(hidden_states.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.width} (full width {self.width + 1}), eps={self.eps}"
