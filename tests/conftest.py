@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,24 @@ class CliResult:
 def run_cli(*args: str) -> CliResult:
     result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
     return CliResult(result.exit_code, result.stdout, result.stderr)
+
+
+def conversion_cache(tmp_path_factory, resolve_source: Callable[[str], Path]):
+    """Convert each (source name, options) once through the CLI, sharded small:
+    -> (source folder, output folder). resolve_source turns a name into the source folder."""
+    cache: dict = {}
+
+    def get(name: str, options: tuple[str, ...] = ()):
+        key = (name, tuple(options))
+        if key not in cache:
+            src = resolve_source(name)
+            out = tmp_path_factory.mktemp("out") / "converted"
+            result = run_cli("convert", src, out, "--quiet", "--max-shard-size", "200KB", *options)
+            assert result.exit_code == 0, result.stderr
+            cache[key] = (src, out)
+        return cache[key]
+
+    return get
 
 
 @pytest.fixture(scope="session")

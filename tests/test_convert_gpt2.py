@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 import prenorm_convert
 from equivalence import assert_equivalent, load, norm_types, sample_ids
-from conftest import run_cli
+from conftest import conversion_cache, run_cli
 
 CASES = [
     pytest.param("gpt2_dir", [], id="rmsnorm"),
@@ -24,20 +24,8 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def converted(request, tmp_path_factory):
-    """Memoise conversions: (fixture name, options) -> output folder."""
-    cache = {}
-
-    def get(source_fixture: str, options: tuple[str, ...]):
-        key = (source_fixture, options)
-        if key not in cache:
-            src = request.getfixturevalue(source_fixture)
-            out = tmp_path_factory.mktemp("out") / "converted"
-            result = run_cli("convert", src, out, "--quiet", "--max-shard-size", "200KB", *options)
-            assert result.exit_code == 0, result.stderr
-            cache[key] = (src, out)
-        return cache[key]
-
-    return get
+    """Memoised conversions: (fixture name, options) -> (source folder, output folder)."""
+    return conversion_cache(tmp_path_factory, request.getfixturevalue)
 
 
 @pytest.mark.parametrize("source, options", CASES)

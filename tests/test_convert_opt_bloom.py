@@ -12,7 +12,7 @@ import transformers
 import yaml
 from safetensors import safe_open
 
-from conftest import run_cli
+from conftest import conversion_cache, run_cli
 from equivalence import assert_equivalent, load, norm_types
 from prenorm_convert.checkpoint import SourceCheckpoint
 from prenorm_convert.errors import SpecError, UnsupportedModelError
@@ -72,20 +72,8 @@ def source(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def converted(source, tmp_path_factory):
-    """Memoise conversions: (source name, options) -> (source folder, output folder)."""
-    cache = {}
-
-    def get(name: str, options: tuple[str, ...] = ()):
-        key = (name, options)
-        if key not in cache:
-            src = source(name)
-            out = tmp_path_factory.mktemp("out") / "converted"
-            result = run_cli("convert", src, out, "--quiet", "--max-shard-size", "200KB", *options)
-            assert result.exit_code == 0, result.stderr
-            cache[key] = (src, out)
-        return cache[key]
-
-    return get
+    """Memoised conversions: (source name, options) -> (source folder, output folder)."""
+    return conversion_cache(tmp_path_factory, source)
 
 
 def tensors(folder: Path) -> dict[str, torch.Tensor]:
