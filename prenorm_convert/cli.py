@@ -269,6 +269,8 @@ def inspect_command(
 ):
     """Show the family, sizes and every change a conversion would make. Writes nothing.
 
+    On a hub id only config.json, the index and the safetensors headers are fetched, never weights.
+
     Example:  [bold]prenorm-convert inspect ./gpt2 --target crmsnorm[/bold]
     """
 

@@ -11,14 +11,16 @@ import glob
 import json
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .checkpoint import PICKLE_INDEX, PICKLE_SINGLE, SAFE_INDEX, SAFE_SINGLE, is_side_file
+from .checkpoint import PICKLE_INDEX, PICKLE_SINGLE, SAFE_INDEX, SAFE_SINGLE, ShardHeader, is_side_file
 from .errors import BadInputError, CorruptCheckpointError, HubError
 from .progress import SILENT, Reporter
+from .safetensors_io import StoredTensor, parse_header
 
 CONFIG = "config.json"
 REPORT = "conversion_report.json"
@@ -33,6 +35,9 @@ class ResolvedSource:
     path: Path
     name: str  # what the user named: the hub id, or the local path as given
     revision: str | None = None  # the commit hash a hub source was read at; None for a local folder
+    # set when only config.json and the index were fetched: each shard's header, read from the hub
+    # by a range request (``headers_only``); pass it to SourceCheckpoint.open
+    shard_header: ShardHeader | None = field(default=None, compare=False, repr=False)
 
     @property
     def from_hub(self) -> bool:
@@ -56,15 +61,20 @@ def resolve_source(
     token: str | None = None,
     allow_pickle: bool = False,
     reporter: Reporter = SILENT,
+    headers_only: bool = False,
 ) -> ResolvedSource:
-    """A local folder as is, or a hub id downloaded (config, weights, side files) into the hub cache."""
+    """A local folder as is, or a hub id downloaded (config, weights, side files) into the hub cache.
+
+    ``headers_only`` (what `inspect` needs): fetch config.json and the safetensors index, and read
+    each shard's header by a range request instead of downloading weights. Offline, from the cache,
+    and for pickled weights (which have no header), the files are fetched or found as usual."""
     if isinstance(src, ResolvedSource):
         return src
     if not is_hub_id(src):
         if revision is not None:
             raise BadInputError(f"--revision applies to hub ids (org/name), and '{src}' is a local path")
         return ResolvedSource(Path(src), str(src))
-    return download(str(src), revision=revision, token=token, allow_pickle=allow_pickle, reporter=reporter)
+    return download(str(src), revision=revision, token=token, allow_pickle=allow_pickle, reporter=reporter, headers_only=headers_only)
 
 
 def recorded_revision(src: str | os.PathLike, converted: str | os.PathLike) -> str | None:
@@ -90,6 +100,7 @@ def download(
     token: str | None = None,
     allow_pickle: bool = False,
     reporter: Reporter = SILENT,
+    headers_only: bool = False,
 ) -> ResolvedSource:
     from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
 
@@ -113,9 +124,32 @@ def download(
             return _read_json(Path(hf_hub_download(repo_id, name, revision=commit, token=token)))
 
         files = select_files(repo_id, commit, names, allow_pickle, read_json)
+        shards = [name for name in files if name.endswith(".safetensors")]
+        if headers_only and shards:
+            files = [name for name in files if name in (CONFIG, SAFE_INDEX)]
         reporter.log(f"downloading {len(files)} files of {repo_id} at {commit[:12]} (the hub cache keeps them)")
-        folder = snapshot_download(repo_id, revision=commit, allow_patterns=[glob.escape(name) for name in files], token=token)
-    return ResolvedSource(Path(folder), repo_id, commit)
+        folder = Path(snapshot_download(repo_id, revision=commit, allow_patterns=[glob.escape(name) for name in files], token=token))
+        if not (headers_only and shards):
+            return ResolvedSource(folder, repo_id, commit)
+        with reporter.step(f"reading the headers of {len(shards)} safetensors file(s), not their weights"):
+            headers = _remote_headers(api, repo_id, commit, token, folder, shards)
+    return ResolvedSource(folder, repo_id, commit, shard_header=headers.__getitem__)
+
+
+def _remote_headers(api, repo_id: str, commit: str, token: str | None, folder: Path, shards: list[str]) -> dict[str, dict[str, StoredTensor]]:
+    """Each shard's tensors from its header alone: two range requests at most per file, in parallel."""
+    from huggingface_hub.errors import SafetensorsParsingError
+
+    def fetch(name: str) -> dict[str, StoredTensor]:
+        try:
+            metadata = api.parse_safetensors_file_metadata(repo_id, name, revision=commit, token=token)
+        except SafetensorsParsingError as exc:
+            raise CorruptCheckpointError(f"{name} in hub repository '{repo_id}' has no readable safetensors header ({_first_line(exc)})") from None
+        header = {key: {"dtype": t.dtype, "shape": t.shape, "data_offsets": t.data_offsets} for key, t in metadata.tensors.items()}
+        return parse_header(header, folder / name, 0, None)
+
+    with ThreadPoolExecutor(max_workers=min(8, len(shards))) as pool:
+        return dict(zip(shards, pool.map(fetch, shards)))
 
 
 def _from_cache(repo_id: str, revision: str | None, allow_pickle: bool, why: str, fix: str) -> ResolvedSource:

@@ -91,7 +91,13 @@ def read_header(path: Path) -> dict[str, StoredTensor]:
         if isinstance(exc, CorruptCheckpointError):
             raise
         raise CorruptCheckpointError(f"{path.name} is not a readable safetensors file ({exc}); re-download it") from exc
-    data_size = size - 8 - header_len
+    return parse_header(header, path, 8 + header_len, size - 8 - header_len)
+
+
+def parse_header(header: dict, path: Path, data_start: int, data_size: int | None) -> dict[str, StoredTensor]:
+    """The tensors a safetensors header describes, each checked (dtype, byte count, within the data
+    when ``data_size`` is known). A header fetched alone (a hub range read) passes ``data_size``
+    None: its tensors can be planned from, never read."""
     tensors = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -105,12 +111,12 @@ def read_header(path: Path) -> dict[str, StoredTensor]:
         numel = 1
         for dim in shape:
             numel *= dim
-        if end - begin != numel * element_size(dtype) or end > data_size:
+        if end - begin != numel * element_size(dtype) or (data_size is not None and end > data_size):
+            held = f"the file holds {data_size} data bytes" if data_size is not None else f"{shape} {dtype} is {numel * element_size(dtype)} bytes"
             raise CorruptCheckpointError(
-                f"{path.name} is truncated or corrupt: tensor '{name}' needs bytes {begin}..{end} but the file holds "
-                f"{data_size} data bytes; re-download it"
+                f"{path.name} is truncated or corrupt: tensor '{name}' needs bytes {begin}..{end} but {held}; re-download it"
             )
-        tensors[name] = StoredTensor(name, dtype, shape, path, 8 + header_len + begin, end - begin)
+        tensors[name] = StoredTensor(name, dtype, shape, path, data_start + begin, end - begin)
     return tensors
 
 

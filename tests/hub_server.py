@@ -4,7 +4,7 @@ It serves the endpoints the client calls, with the headers the client relies on:
   GET  /api/models/{id}[/revision/{rev}]     model info: sha, siblings, gated
   GET  /api/models/{id}/tree/{rev}           file listing (snapshot_download)
   HEAD /{id}/resolve/{rev}/{path}            X-Repo-Commit, ETag, Content-Length
-  GET  /{id}/resolve/{rev}/{path}            the bytes
+  GET  /{id}/resolve/{rev}/{path}            the bytes; `Range: bytes=A-B` answers 206 with those bytes
   POST /api/repos/create                     409 when it exists (create_repo(exist_ok=True) accepts that)
   POST /api/models/{id}/preupload/{rev}      every file "regular": sent inline in the commit
   POST /api/models/{id}/commit/{rev}         NDJSON commit (header, file, deletedFile)
@@ -51,6 +51,8 @@ class Request:
     method: str
     path: str
     authorization: str | None
+    range: str | None = None
+    bytes_sent: int = 0  # body bytes of a resolve GET
 
 
 class FakeHub:
@@ -153,8 +155,11 @@ def _handler(hub: FakeHub):
             return auth.removeprefix("Bearer ").strip() or None
 
         def _record(self):
+            self.request_record = Request(
+                self.command, urlsplit(self.path).path, self.headers.get("Authorization"), self.headers.get("Range")
+            )
             with hub.lock:
-                hub.requests.append(Request(self.command, urlsplit(self.path).path, self.headers.get("Authorization")))
+                hub.requests.append(self.request_record)
 
         # -- routing --------------------------------------------------------------------------
         def do_HEAD(self):
@@ -237,8 +242,17 @@ def _handler(hub: FakeHub):
             data = repo.commits[sha].get(name)
             if data is None:
                 return self._error(404, "EntryNotFound", "Entry not found", {"X-Repo-Commit": sha})
-            self._reply(200, data, {"X-Repo-Commit": sha, "ETag": f'"{hashlib.sha256(data).hexdigest()}"'},
-                        content_type="application/octet-stream")
+            headers = {"X-Repo-Commit": sha, "ETag": f'"{hashlib.sha256(data).hexdigest()}"'}
+            status, body = 200, data
+            wanted = self.headers.get("Range")
+            if wanted and self.command == "GET":
+                first, _, last = wanted.removeprefix("bytes=").partition("-")
+                start, stop = int(first), min(int(last) + 1 if last else len(data), len(data))
+                status, body = 206, data[start:stop]
+                headers["Content-Range"] = f"bytes {start}-{stop - 1}/{len(data)}"
+            if self.command == "GET":
+                self.request_record.bytes_sent = len(body)
+            self._reply(status, body, headers, content_type="application/octet-stream")
 
         # -- writes ----------------------------------------------------------------------------
         def _writer(self) -> bool:

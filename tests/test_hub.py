@@ -137,6 +137,45 @@ def test_offline_reuses_what_an_online_conversion_cached(conversions, hub, monke
     assert len(hub.requests) == requests_before
 
 
+def test_inspect_on_a_hub_id_reads_headers_not_weights(hub, gpt2_dir, gpt2_bare_dir):
+    """Sharded (index + shards) and single-file repos: the same answer as the local folder, from
+    config.json, the index and a range read of each header."""
+    for repo, folder in (("acme/inspect-sharded", gpt2_dir), ("acme/inspect-single", gpt2_bare_dir)):
+        commit = hub.add_repo(repo, {**repo_files(folder), **DECOYS})
+        before = len(hub.requests)
+        remote, local = run_cli("inspect", repo, "--json"), run_cli("inspect", folder, "--json")
+        assert remote.exit_code == 0 and local.exit_code == 0, remote.stderr + local.stderr
+        remote_info, local_info = json.loads(remote.stdout), json.loads(local.stdout)
+        assert (remote_info.pop("source"), remote_info.pop("source_revision")) == (repo, commit)
+        assert (local_info.pop("source"), local_info.pop("source_revision")) == (str(folder), None)
+        assert remote_info == local_info
+        requests = hub.requests[before:]
+        weights = {name: data for name, data in repo_files(folder).items() if name.endswith(".safetensors")}
+        weight_reads = [r for r in requests if r.method == "GET" and r.path.endswith(".safetensors")]
+        assert {r.path.rsplit("/", 1)[1] for r in weight_reads} == set(weights)
+        assert all(r.range for r in weight_reads), "a weight file was requested whole"
+        for name, data in weights.items():
+            # the client reads the first 100 kB, and the rest of the header if it is longer
+            header_read = 100_001 + int.from_bytes(data[:8], "little")
+            sent = sum(r.bytes_sent for r in weight_reads if r.path.endswith("/" + name))
+            assert sent <= min(len(data), header_read), (name, sent, len(data))
+        fetched = [r.path for r in requests if "/resolve/" in r.path]
+        assert not [path for path in fetched if any(decoy in path for decoy in NEVER_FETCHED)]
+        assert not [path for path in fetched if "tokenizer" in path], "inspect needs no side files"
+    assert len(weights) == 1 and len(data) > header_read, "the single-file repo must be bigger than a header read"
+
+
+def test_inspect_on_a_hub_id_refuses_a_damaged_header(hub, gpt2_dir, tmp_path):
+    header = json.dumps({"lm_head.weight": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 8]}}).encode()
+    damaged = len(header).to_bytes(8, "little") + header + bytes(8)
+    hub.add_repo("acme/damaged", {"config.json": (gpt2_dir / "config.json").read_bytes(), "model.safetensors": damaged})
+    before = snapshot(tmp_path)
+    result = run_cli("inspect", "acme/damaged", "--json")
+    assert result.exit_code == 2, result.stderr
+    assert "model.safetensors is truncated or corrupt" in result.stderr and "'lm_head.weight'" in result.stderr
+    assert result.stdout == "" and snapshot(tmp_path) == before
+
+
 def test_verify_reads_a_hub_original_at_the_commit_the_conversion_records(hub, gpt2_dir, gpt2_bare_dir, tmp_path):
     first = hub.add_repo("acme/moving", repo_files(gpt2_dir))
     out = tmp_path / "out"
