@@ -7,6 +7,8 @@ from pathlib import Path
 
 import yaml
 
+# the loading snippet's name for where the folder lives; `push` puts the repository id in its place
+LOCATION_PLACEHOLDER = "PATH_OR_REPO"
 REPORT_ROWS = (
     ("max abs Δlogit", "max_abs_logit_diff", "{:.3e}"),
     ("max abs Δlogit / logit scale", "relative_max_abs_logit_diff", "{:.3e}"),
@@ -33,7 +35,7 @@ def loading_instructions(config: dict) -> str:
     lines = [
         "```python",
         "from transformers import AutoModelForCausalLM",
-        'model = AutoModelForCausalLM.from_pretrained("PATH_OR_REPO", trust_remote_code=True)',
+        f'model = AutoModelForCausalLM.from_pretrained("{LOCATION_PLACEHOLDER}", trust_remote_code=True)',
         "```",
     ]
     if block["requires_remote_code"]:
@@ -54,6 +56,11 @@ def loading_instructions(config: dict) -> str:
             "computes the same function (LayerNorm of a zero-mean input is RMSNorm)."
         )
     return "\n".join(lines)
+
+
+def card_for_repo(card: str, repo_id: str) -> str:
+    """The card as uploaded to repo_id: its loading snippet names the repository."""
+    return card.replace(f'from_pretrained("{LOCATION_PLACEHOLDER}"', f'from_pretrained("{repo_id}"')
 
 
 def front_matter(config: dict) -> dict:

@@ -303,8 +303,25 @@ def push(
         with reporter.step(f"creating {repo_id} on the hub unless it exists"):
             repo_url = api.create_repo(repo_id, private=True if private else None, exist_ok=True, token=token)
         reporter.log(f"uploading {folder} to {repo_id}")
-        info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=message, token=token)
+        info = api.create_commit(repo_id, _upload_operations(folder, repo_id), commit_message=message, token=token)
     return PushResult(repo_id, str(repo_url), getattr(info, "oid", None), getattr(info, "commit_url", None))
+
+
+def _upload_operations(folder: Path, repo_id: str) -> list:
+    """Every file of the folder (as upload_folder would send it, without .git/ and .cache/), the
+    model card with its loading snippet naming repo_id."""
+    from huggingface_hub import CommitOperationAdd
+
+    from .card import card_for_repo
+
+    operations = []
+    for path in sorted(folder.rglob("*")):
+        name = path.relative_to(folder).as_posix()
+        if not path.is_file() or name.split("/")[0] in (".git", ".cache"):
+            continue
+        content = card_for_repo(path.read_text(), repo_id).encode() if name == "README.md" else str(path)
+        operations.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=content))
+    return operations
 
 
 def _commit_message(folder: Path) -> str:

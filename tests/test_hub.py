@@ -256,8 +256,14 @@ def test_local_looking_paths_are_never_hub_ids(tmp_path, monkeypatch):
 
 def test_convert_push_to_hub_uploads_the_folder_with_a_card_the_hub_reads(conversions, hub):
     pushed = hub.files(PUSHED)
+    local_card = (conversions.hub / "README.md").read_text()
+    assert set(pushed) - {".gitattributes"} == set(repo_files(conversions.hub))  # the hub adds .gitattributes
     for name, data in repo_files(conversions.hub).items():
-        assert pushed[name] == data, name
+        if name != "README.md":
+            assert pushed[name] == data, name
+    # the folder's card says PATH_OR_REPO; the pushed one names the repository, and differs in nothing else
+    assert pushed["README.md"].decode() == local_card.replace('from_pretrained("PATH_OR_REPO"', f'from_pretrained("{PUSHED}"')
+    assert f'from_pretrained("{PUSHED}", trust_remote_code=True)' in pushed["README.md"].decode()
     assert hub.repos[PUSHED].private
     commits = [request for request in hub.requests if request.path == f"/api/models/{PUSHED}/commit/main"]
     assert commits and all(request.authorization == f"Bearer {WRITE_TOKEN}" for request in commits)
