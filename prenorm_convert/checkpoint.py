@@ -66,16 +66,9 @@ class SourceCheckpoint:
             )
         if shard_header is not None:
             return cls(path, config, _safetensors_tensors(path, shard_header), pickled=False, readable=False)
-        if (path / SAFE_INDEX).exists() or (path / SAFE_SINGLE).exists():
+        if weights_format(path, allow_pickle) == "safetensors":
             return cls(path, config, _safetensors_tensors(path, lambda name: _local_header(path, name)), pickled=False)
-        if (path / PICKLE_INDEX).exists() or (path / PICKLE_SINGLE).exists():
-            if not allow_pickle:
-                raise BadInputError(
-                    f"'{path}' stores its weights as pickled *.bin files, which can run code when loaded; "
-                    "re-save them as safetensors, or pass --allow-pickle to load them with torch.load(weights_only=True)"
-                )
-            return cls(path, config, _pickle_tensors(path), pickled=True)
-        raise BadInputError(f"'{path}' holds no weights (no {SAFE_SINGLE}, {SAFE_INDEX} or {PICKLE_SINGLE}); is the download complete?")
+        return cls(path, config, _pickle_tensors(path), pickled=True)
 
     # -- reading -------------------------------------------------------------------------
     def read(self, name: str) -> torch.Tensor:
@@ -138,6 +131,20 @@ class SourceCheckpoint:
         if not sizes:
             return torch.float32
         return _torch_dtype(max(sizes, key=sizes.get))
+
+
+def weights_format(path: Path, allow_pickle: bool) -> str:
+    """'safetensors' or 'pickle' (only when allowed): how the folder stores its weights."""
+    if (path / SAFE_INDEX).exists() or (path / SAFE_SINGLE).exists():
+        return "safetensors"
+    if (path / PICKLE_INDEX).exists() or (path / PICKLE_SINGLE).exists():
+        if not allow_pickle:
+            raise BadInputError(
+                f"'{path}' stores its weights as pickled *.bin files, which can run code when loaded; "
+                "re-save them as safetensors, or pass --allow-pickle to load them with torch.load(weights_only=True)"
+            )
+        return "pickle"
+    raise BadInputError(f"'{path}' holds no weights (no {SAFE_SINGLE}, {SAFE_INDEX} or {PICKLE_SINGLE}); is the download complete?")
 
 
 def read_config(path: Path) -> dict:

@@ -96,6 +96,7 @@ PadToOption = typer.Option(
     "matrix kernels; same function, see README 'Pre-CRMSNorm'.",
 )
 TokenOption = typer.Option(None, "--token", help="Hub token (default: HF_TOKEN, then the saved login).", show_default=False)
+AllowPickleOption = typer.Option(False, "--allow-pickle", help="Accept pickled *.bin weights (loaded with torch.load(weights_only=True)).")
 SECRET_OPTIONS = ("--token",)
 
 
@@ -136,7 +137,7 @@ def convert(
     dtype: str = typer.Option("auto", help="auto (keep the stored dtype), float32, float16 or bfloat16."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists (only once everything succeeded)."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the equivalence check."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept *.bin weights (loaded with weights_only=True)."),
+    allow_pickle: bool = AllowPickleOption,
     max_shard_size: str = typer.Option("5GB", help="Largest output shard, e.g. 5GB, 500MB."),
     prompts: Optional[Path] = typer.Option(None, help="Text file, one prompt per line, for verification."),
     max_abs_logit_diff: Optional[float] = typer.Option(None, help="Fail above this max |Δlogit|. " + ToleranceHelp),
@@ -222,6 +223,7 @@ def verify(
     min_top1: Optional[float] = typer.Option(None, help="Fail below this top-1 agreement. " + ToleranceHelp),
     greedy_tokens: int = typer.Option(32, help="New tokens compared in greedy generation (0: none)."),
     prompts: Optional[Path] = typer.Option(None, help="Text file, one prompt per line."),
+    allow_pickle: bool = AllowPickleOption,
     revision: Optional[str] = typer.Option(
         None, "--revision", help="Hub original only: branch, tag or commit (default: the commit CONVERTED records, else main)."
     ),
@@ -245,6 +247,7 @@ def verify(
             prompts_file=prompts,
             revision=revision,
             token=token,
+            allow_pickle=allow_pickle,
             reporter=_reporter(quiet),
         )
         if not quiet:
@@ -262,7 +265,7 @@ def inspect_command(
     fold_affine: bool = typer.Option(False, "--fold-affine"),
     pad_to: Optional[int] = PadToOption,
     dtype: str = typer.Option("auto"),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle"),
+    allow_pickle: bool = AllowPickleOption,
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON on stdout."),
     revision: Optional[str] = RevisionOption,
     token: Optional[str] = TokenOption,

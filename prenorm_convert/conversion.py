@@ -211,7 +211,7 @@ def convert(
         copy_side_files(source, staging)
         write_remote_code(staging)
         if verify_output:
-            report = verify(resolved, staging, tolerances=tolerances, prompts_file=prompts_file, reporter=reporter)
+            report = verify(resolved, staging, tolerances=tolerances, prompts_file=prompts_file, allow_pickle=allow_pickle, reporter=reporter)
             (staging / "conversion_report.json").write_text(json.dumps(report, indent=2) + "\n")
         write_model_card(staging, config, plan, report, command)
     result = ConversionResult(out, plan, report)

@@ -239,19 +239,26 @@ def verify(
     dtype: torch.dtype | None = None,
     revision: str | None = None,
     token: str | None = None,
+    allow_pickle: bool = False,
     reporter: Reporter = SILENT,
 ) -> dict:
     """Compare a converted folder with its original; returns the report dict (see DESIGN.md).
 
-    ORIGINAL may be a hub id; without `revision` it is read at the commit CONVERTED records, if any."""
+    ORIGINAL may be a hub id; without `revision` it is read at the commit CONVERTED records, if any.
+    An original stored only as pickled *.bin files is refused unless ``allow_pickle`` (transformers
+    then loads it with torch.load(weights_only=True))."""
+    from .checkpoint import weights_format
     from .hub import recorded_revision, resolve_source
 
     tolerances = tolerances or Tolerances()
-    source = resolve_source(original, revision=revision or recorded_revision(original, converted), token=token, reporter=reporter)
+    source = resolve_source(
+        original, revision=revision or recorded_revision(original, converted), token=token, allow_pickle=allow_pickle, reporter=reporter
+    )
     original = source.path
     for path in (original, converted):
         if not Path(path).is_dir():
             raise BadInputError(f"'{path}' is not a checkpoint folder")
+    weights_format(Path(original), allow_pickle)
     dtype = dtype or converted_dtype(converted)
     with reporter.step("loading the original and the converted model"):
         reference_model = load_original(original, torch.float32)

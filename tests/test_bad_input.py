@@ -126,6 +126,13 @@ def test_pickled_weights_need_allow_pickle(gpt2_dir, workspace):
     assert result.exit_code == 0, result.stderr
     assert json.loads((out / "conversion_report.json").read_text())["passed"]
     assert not list(out.glob("*.bin"))
+    # verify asks the same consent for the original, and names the flag it has
+    refused = run_cli("verify", src, out, "--quiet", "--json", "-")
+    assert refused.exit_code == 2 and "pickled" in refused.stderr and "--allow-pickle" in refused.stderr
+    assert refused.stdout == ""
+    allowed = run_cli("verify", src, out, "--quiet", "--json", "-", "--allow-pickle")
+    assert allowed.exit_code == 0, allowed.stderr
+    assert json.loads(allowed.stdout)["passed"]
 
 
 def test_truncated_shard(gpt2_dir, workspace):
