@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import BinaryIO, Iterator, Protocol
 
 import torch
 
@@ -26,8 +26,6 @@ _NOT_COPIED_SUFFIXES = (
     ".ot", ".tflite", ".mlmodel", ".pkl", ".pickle", ".joblib", ".npy", ".npz", ".nemo", ".tar", ".gz", ".zip",
 )
 _NOT_COPIED_NAMES = {"config.json", SAFE_INDEX, PICKLE_INDEX, "README.md", "conversion_report.json", "modeling_prenorm.py"}
-# where a shard's tensors are learnt from: its file name -> the tensors its header lists
-ShardHeader = Callable[[str], "dict[str, StoredTensor]"]
 
 
 def is_side_file(name: str) -> bool:
@@ -35,24 +33,46 @@ def is_side_file(name: str) -> bool:
     return not name.startswith(".") and name not in _NOT_COPIED_NAMES and not name.endswith(_NOT_COPIED_SUFFIXES)
 
 
-class SourceCheckpoint:
-    """A local transformers checkpoint: its config and a lazy view of its weights."""
+class Shards(Protocol):
+    """Where the safetensors files of a checkpoint are read from."""
 
-    def __init__(self, path: Path, config: dict, tensors: dict[str, StoredTensor], pickled: bool, readable: bool = True):
+    def header(self, file_name: str) -> dict[str, StoredTensor]: ...
+
+    def open(self, file: Path) -> BinaryIO: ...
+
+
+class LocalShards:
+    """The files next to config.json."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def header(self, file_name: str) -> dict[str, StoredTensor]:
+        shard = self.path / file_name
+        if not shard.exists():
+            raise CorruptCheckpointError(f"{SAFE_INDEX} refers to shard {file_name}, which is missing; re-download it")
+        return read_header(shard)
+
+    def open(self, file: Path) -> BinaryIO:
+        return open(file, "rb")
+
+
+class SourceCheckpoint:
+    """A transformers checkpoint: its config and a lazy view of its weights."""
+
+    def __init__(self, path: Path, config: dict, tensors: dict[str, StoredTensor], pickled: bool, shards: Shards | None = None):
         self.path = path
         self.config = config
         self.tensors = tensors
         self.pickled = pickled
-        self.readable = readable
+        self.shards = shards or LocalShards(path)
         self._handles: dict[Path, object] = {}
 
     # -- opening -------------------------------------------------------------------------
     @classmethod
-    def open(
-        cls, path: str | os.PathLike, allow_pickle: bool = False, shard_header: ShardHeader | None = None
-    ) -> "SourceCheckpoint":
-        """``shard_header``: where the safetensors headers come from when ``path`` holds only
-        config.json and the index (a hub source read for planning); its tensors cannot be read."""
+    def open(cls, path: str | os.PathLike, allow_pickle: bool = False, shards: Shards | None = None) -> "SourceCheckpoint":
+        """``shards``: where the safetensors files are read from when ``path`` holds only config.json
+        and the index (a hub source read by range requests, for `inspect`)."""
         path = Path(path)
         if not path.exists():
             raise BadInputError(f"'{path}' does not exist; pass a checkpoint folder (holding config.json and weights)")
@@ -64,36 +84,29 @@ class SourceCheckpoint:
             raise BadInputError(
                 f"'{path}' was already converted by prenorm-convert (target {target}); convert the original checkpoint instead"
             )
-        if shard_header is not None:
-            return cls(path, config, _safetensors_tensors(path, shard_header), pickled=False, readable=False)
-        if weights_format(path, allow_pickle) == "safetensors":
-            return cls(path, config, _safetensors_tensors(path, lambda name: _local_header(path, name)), pickled=False)
+        if shards is not None or weights_format(path, allow_pickle) == "safetensors":
+            shards = shards or LocalShards(path)
+            return cls(path, config, _safetensors_tensors(path, shards), pickled=False, shards=shards)
         return cls(path, config, _pickle_tensors(path), pickled=True)
 
     # -- reading -------------------------------------------------------------------------
     def read(self, name: str) -> torch.Tensor:
         """One tensor, as stored (a positioned read of its bytes; nothing else is loaded)."""
-        self._check_readable()
         info = self.tensors[name]
         if info.file not in self._handles:
-            self._handles[info.file] = _load_pickle(info.file) if self.pickled else open(info.file, "rb")
+            self._handles[info.file] = _load_pickle(info.file) if self.pickled else self.shards.open(info.file)
         handle = self._handles[info.file]
         return handle[name] if self.pickled else read_tensor(handle, info)
 
     def read_rows(self, name: str, start: int, stop: int, into: torch.Tensor | None = None) -> torch.Tensor:
         """Rows start..stop (leading axis) of one tensor, as stored; only those bytes are read
         (into ``into`` when given: the result is then a view of that reused buffer)."""
-        self._check_readable()
         if self.pickled:
             return self.read(name)[start:stop]
         info = self.tensors[name]
         if info.file not in self._handles:
-            self._handles[info.file] = open(info.file, "rb")
+            self._handles[info.file] = self.shards.open(info.file)
         return read_tensor(self._handles[info.file], row_block(info, start, stop), into)
-
-    def _check_readable(self) -> None:
-        if not self.readable:
-            raise RuntimeError(f"'{self.path}' was opened from its headers alone (for planning); its weights were never fetched")
 
     def close(self) -> None:
         for handle in self._handles.values():
@@ -164,22 +177,15 @@ def _torch_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def _local_header(path: Path, file_name: str) -> dict[str, StoredTensor]:
-    shard = path / file_name
-    if not shard.exists():
-        raise CorruptCheckpointError(f"{SAFE_INDEX} refers to shard {file_name}, which is missing; re-download it")
-    return read_header(shard)
-
-
-def _safetensors_tensors(path: Path, shard_header: ShardHeader) -> dict[str, StoredTensor]:
+def _safetensors_tensors(path: Path, shards: Shards) -> dict[str, StoredTensor]:
     index_path = path / SAFE_INDEX
     if not index_path.exists():
-        return shard_header(SAFE_SINGLE)
+        return shards.header(SAFE_SINGLE)
     try:
         weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
     except (ValueError, KeyError, TypeError) as exc:
         raise CorruptCheckpointError(f"{SAFE_INDEX} is not a valid index (no weight_map); re-download it") from exc
-    headers = {file_name: shard_header(file_name) for file_name in sorted(set(weight_map.values()))}
+    headers = {file_name: shards.header(file_name) for file_name in sorted(set(weight_map.values()))}
     tensors = {}
     for name, file_name in weight_map.items():
         if name not in headers[file_name]:

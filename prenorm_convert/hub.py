@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .checkpoint import PICKLE_INDEX, PICKLE_SINGLE, SAFE_INDEX, SAFE_SINGLE, ShardHeader, is_side_file
+from .checkpoint import PICKLE_INDEX, PICKLE_SINGLE, SAFE_INDEX, SAFE_SINGLE, is_side_file
 from .errors import BadInputError, CorruptCheckpointError, HubError
 from .progress import SILENT, Reporter
-from .safetensors_io import StoredTensor, parse_header
+from .safetensors_io import StoredTensor, read_header_from
 
 CONFIG = "config.json"
 REPORT = "conversion_report.json"
@@ -35,9 +35,9 @@ class ResolvedSource:
     path: Path
     name: str  # what the user named: the hub id, or the local path as given
     revision: str | None = None  # the commit hash a hub source was read at; None for a local folder
-    # set when only config.json and the index were fetched: each shard's header, read from the hub
-    # by a range request (``headers_only``); pass it to SourceCheckpoint.open
-    shard_header: ShardHeader | None = field(default=None, compare=False, repr=False)
+    # set when only config.json and the index were fetched (``headers_only``): the safetensors files,
+    # read from the hub by range requests; pass it to SourceCheckpoint.open
+    shards: "HubShards | None" = field(default=None, compare=False, repr=False)
 
     @property
     def from_hub(self) -> bool:
@@ -65,9 +65,10 @@ def resolve_source(
 ) -> ResolvedSource:
     """A local folder as is, or a hub id downloaded (config, weights, side files) into the hub cache.
 
-    ``headers_only`` (what `inspect` needs): fetch config.json and the safetensors index, and read
-    each shard's header by a range request instead of downloading weights. Offline, from the cache,
-    and for pickled weights (which have no header), the files are fetched or found as usual."""
+    ``headers_only`` (what `inspect` needs): fetch config.json and the safetensors index, read each
+    shard's header by range requests, and any tensor only when asked for (range requests again)
+    instead of downloading the weights. Offline, from the cache, and for pickled weights (which
+    have no header), the files are fetched or found as usual."""
     if isinstance(src, ResolvedSource):
         return src
     if not is_hub_id(src):
@@ -132,24 +133,75 @@ def download(
         if not (headers_only and shards):
             return ResolvedSource(folder, repo_id, commit)
         with reporter.step(f"reading the headers of {len(shards)} safetensors file(s), not their weights"):
-            headers = _remote_headers(api, repo_id, commit, token, folder, shards)
-    return ResolvedSource(folder, repo_id, commit, shard_header=headers.__getitem__)
+            remote = HubShards(api, repo_id, commit, token, folder, shards)
+    return ResolvedSource(folder, repo_id, commit, shards=remote)
 
 
-def _remote_headers(api, repo_id: str, commit: str, token: str | None, folder: Path, shards: list[str]) -> dict[str, dict[str, StoredTensor]]:
-    """Each shard's tensors from its header alone: two range requests at most per file, in parallel."""
-    from huggingface_hub.errors import SafetensorsParsingError
+class HubShards:
+    """The safetensors files of one hub commit, read by HTTP range requests (checkpoint.Shards):
+    every header when made (in parallel), tensor bytes only when read."""
 
-    def fetch(name: str) -> dict[str, StoredTensor]:
-        try:
-            metadata = api.parse_safetensors_file_metadata(repo_id, name, revision=commit, token=token)
-        except SafetensorsParsingError as exc:
-            raise CorruptCheckpointError(f"{name} in hub repository '{repo_id}' has no readable safetensors header ({_first_line(exc)})") from None
-        header = {key: {"dtype": t.dtype, "shape": t.shape, "data_offsets": t.data_offsets} for key, t in metadata.tensors.items()}
-        return parse_header(header, folder / name, 0, None)
+    def __init__(self, api, repo_id: str, commit: str, token: str | None, folder: Path, names: list[str]):
+        from huggingface_hub.utils import build_hf_headers
 
-    with ThreadPoolExecutor(max_workers=min(8, len(shards))) as pool:
-        return dict(zip(shards, pool.map(fetch, shards)))
+        self.api, self.repo_id, self.commit = api, repo_id, commit
+        self.request_headers = build_hf_headers(token=token)
+        self.folder = folder
+        with ThreadPoolExecutor(max_workers=min(8, len(names))) as pool:
+            self.headers = dict(zip(names, pool.map(self._read_header, names)))
+
+    def header(self, file_name: str) -> dict[str, StoredTensor]:
+        return self.headers[file_name]
+
+    def open(self, file: Path) -> "RangeReader":
+        from huggingface_hub import hf_hub_url
+
+        url = hf_hub_url(self.repo_id, file.name, revision=self.commit, endpoint=self.api.endpoint)
+        return RangeReader(url, self.request_headers, self.repo_id, self.commit)
+
+    def _read_header(self, name: str) -> dict[str, StoredTensor]:
+        reader = self.open(self.folder / name)
+        reader.read(8)  # learns the file size
+        return read_header_from(reader, self.folder / name, reader.size)
+
+
+class RangeReader:
+    """One hub file as a seekable binary reader: each read is one HTTP range request."""
+
+    def __init__(self, url: str, request_headers: dict, repo_id: str, commit: str):
+        self.url, self.request_headers, self.repo_id, self.commit = url, request_headers, repo_id, commit
+        self.position = 0
+        self.size = 0
+
+    def seek(self, position: int) -> None:
+        self.position = position
+
+    def read(self, count: int) -> bytes:
+        from huggingface_hub import constants
+        from huggingface_hub.utils import get_session, hf_raise_for_status
+
+        if count <= 0:
+            return b""
+        wanted = {"range": f"bytes={self.position}-{self.position + count - 1}"}
+        with _hub_errors(self.repo_id, self.commit):
+            response = get_session().get(self.url, headers={**self.request_headers, **wanted}, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT)
+            hf_raise_for_status(response)
+        data = response.content
+        if response.status_code == 206:
+            total = response.headers.get("Content-Range", "").rpartition("/")[2]
+            self.size = int(total) if total.isdigit() else self.size
+        else:  # the server sent the whole file
+            self.size, data = len(data), data[self.position : self.position + count]
+        self.position += len(data)
+        return data
+
+    def readinto(self, view) -> int:
+        data = self.read(len(view))
+        view[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        pass
 
 
 def _from_cache(repo_id: str, revision: str | None, allow_pickle: bool, why: str, fix: str) -> ResolvedSource:

@@ -36,9 +36,9 @@ def describe(
     token: str | None = None,
     pad_to: int | None = None,
 ) -> dict:
-    # a hub id: config, index and safetensors headers only, never the weights
+    # a hub id: config, index and safetensors headers, and the few tensors the plan reads (β)
     resolved = resolve_source(src, revision=revision, token=token, allow_pickle=allow_pickle, headers_only=True)
-    source = SourceCheckpoint.open(resolved.path, allow_pickle=allow_pickle, shard_header=resolved.shard_header)
+    source = SourceCheckpoint.open(resolved.path, allow_pickle=allow_pickle, shards=resolved.shards)
     spec = match_spec(source.config)
     plan = make_plan(source, spec, target=target, fold_affine=fold_affine, dtype=parse_dtype(dtype), pad_to=pad_to)
     changes = Counter()

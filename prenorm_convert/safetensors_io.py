@@ -80,24 +80,32 @@ def read_header(path: Path) -> dict[str, StoredTensor]:
     try:
         size = path.stat().st_size
         with open(path, "rb") as handle:
-            raw_len = handle.read(8)
-            if len(raw_len) < 8:
-                raise CorruptCheckpointError(f"{path.name} is truncated (no safetensors header); re-download it")
-            (header_len,) = struct.unpack("<Q", raw_len)
-            if header_len > min(_MAX_HEADER, size - 8):
-                raise CorruptCheckpointError(f"{path.name} is truncated or not a safetensors file (bad header length); re-download it")
-            header = json.loads(handle.read(header_len))
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        if isinstance(exc, CorruptCheckpointError):
-            raise
+            return read_header_from(handle, path, size)
+    except OSError as exc:
         raise CorruptCheckpointError(f"{path.name} is not a readable safetensors file ({exc}); re-download it") from exc
+
+
+def read_header_from(handle, path: Path, size: int) -> dict[str, StoredTensor]:
+    """The header of a safetensors file of ``size`` bytes open as ``handle`` (seek, read): a local
+    file, or a hub file read by range requests."""
+    try:
+        handle.seek(0)
+        raw_len = handle.read(8)
+        if len(raw_len) < 8:
+            raise CorruptCheckpointError(f"{path.name} is truncated (no safetensors header); re-download it")
+        (header_len,) = struct.unpack("<Q", raw_len)
+        if header_len > min(_MAX_HEADER, size - 8):
+            raise CorruptCheckpointError(f"{path.name} is truncated or not a safetensors file (bad header length); re-download it")
+        header = json.loads(handle.read(header_len))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptCheckpointError(f"{path.name} is not a readable safetensors file ({exc}); re-download it") from exc
+    if not isinstance(header, dict):
+        raise CorruptCheckpointError(f"{path.name} is not a readable safetensors file (its header is not a JSON object); re-download it")
     return parse_header(header, path, 8 + header_len, size - 8 - header_len)
 
 
-def parse_header(header: dict, path: Path, data_start: int, data_size: int | None) -> dict[str, StoredTensor]:
-    """The tensors a safetensors header describes, each checked (dtype, byte count, within the data
-    when ``data_size`` is known). A header fetched alone (a hub range read) passes ``data_size``
-    None: its tensors can be planned from, never read."""
+def parse_header(header: dict, path: Path, data_start: int, data_size: int) -> dict[str, StoredTensor]:
+    """The tensors a safetensors header describes, each checked (dtype, byte count, within the data)."""
     tensors = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -111,10 +119,10 @@ def parse_header(header: dict, path: Path, data_start: int, data_size: int | Non
         numel = 1
         for dim in shape:
             numel *= dim
-        if end - begin != numel * element_size(dtype) or (data_size is not None and end > data_size):
-            held = f"the file holds {data_size} data bytes" if data_size is not None else f"{shape} {dtype} is {numel * element_size(dtype)} bytes"
+        if end - begin != numel * element_size(dtype) or end > data_size:
             raise CorruptCheckpointError(
-                f"{path.name} is truncated or corrupt: tensor '{name}' needs bytes {begin}..{end} but {held}; re-download it"
+                f"{path.name} is truncated or corrupt: tensor '{name}' needs bytes {begin}..{end} but the file holds "
+                f"{data_size} data bytes; re-download it"
             )
         tensors[name] = StoredTensor(name, dtype, shape, path, data_start + begin, end - begin)
     return tensors
