@@ -114,6 +114,11 @@ def write_model_card(folder: Path, config: dict, plan, report: dict | None, comm
             f"The LM head was untied from the embedding (it keeps the original table, the embedding is centered): "
             f"{plan.params_converted - plan.params_original:+,} parameters."
         )
+    if plan.head_stored_apart:
+        parts.append(
+            "The source config ties the LM head to the embedding, but its checkpoint stores a head with other values, "
+            "which transformers keeps apart when loading; it was converted that way and is written untied."
+        )
     if report is not None:
         table = "\n".join(f"| {label} | {value} |" for label, value in report_rows(report))
         parts.append("## Equivalence report\n| metric | value |\n|---|---|\n" + table)

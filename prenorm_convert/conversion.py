@@ -87,7 +87,7 @@ def converted_config(source: SourceCheckpoint, plan: ConversionPlan, source_name
     config = dict(source.config)
     spec = plan.spec
     model_type = config["model_type"]
-    if plan.untied_head:
+    if plan.untied_head or plan.head_stored_apart:
         config[spec.config_keys["tie_word_embeddings"]] = False
     config.pop("torch_dtype", None)
     config["dtype"] = str(plan.out_dtype).removeprefix("torch.")

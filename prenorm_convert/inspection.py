@@ -102,6 +102,11 @@ def _notes(plan) -> list[str]:
             f"the tied head is untied: {plan.spec.head} keeps the original embedding "
             f"(+{plan.params_converted - plan.params_original:,} parameters)"
         )
+    if plan.head_stored_apart:
+        notes.append(
+            f"the config ties {plan.spec.head} to the embedding, but the checkpoint stores it with other values, "
+            "which transformers keeps apart when loading (it warns); converted that way, and written untied"
+        )
     if plan.removed:
         notes.append(
             f"{', '.join(plan.removed)} (a LayerNorm on the residual stream itself) is baked into the embedding table "

@@ -15,7 +15,8 @@ from torch import nn
 
 from .checkpoint import SourceCheckpoint
 from .errors import BadInputError, CorruptCheckpointError, SpecError, UnsupportedModelError
-from .safetensors_io import DTYPES
+from .row_blocks import DEFAULT_BLOCK_BYTES
+from .safetensors_io import DTYPES, element_size
 from .spec import FamilySpec, expand, expand_group
 from .transform import STEPS
 
@@ -65,6 +66,9 @@ class ConversionPlan:
     # crmsnorm --pad-to: the d-1 features are stored zero-padded to stream_width (a multiple of pad_to)
     pad_to: int | None = None
     stream_width: int | None = None
+    # the config ties the head to the embedding, but the file stores a head with other values, which
+    # transformers keeps apart at load: converted as such, written with the tie switched off
+    head_stored_apart: bool = False
 
     @property
     def residual_width(self) -> int:
@@ -286,14 +290,17 @@ class _Planner:
 
     def plan(self) -> ConversionPlan:
         spec, L = self.spec, self.L
-        # A tied config means transformers computes the head from the embedding, even when the file
-        # also stores a copy of it: the head reads the embedding's key and is written untied.
-        # It is untied only if the conversion rewrites the shared table or the head (MATH.md "Tied
-        # embeddings"); OPT with project_in keeps both embed_tokens and the head, and their tie.
+        # A tied head is computed from the embedding (when transformers ties them: _head_is_table):
+        # the head reads the embedding's key and is written untied. It is untied only if the
+        # conversion rewrites the shared table or the head (MATH.md "Tied embeddings"); OPT with
+        # project_in keeps both embed_tokens and the head, and their tie.
         rewritten = {m for t in spec.embeddings for m in expand(t, L)} | {
             reader for group in spec.norms for _, readers in expand_group(group, L) for reader in readers
         }
-        tied = spec.is_tied(self.source.config) and bool({spec.head, spec.head_tied_to} & rewritten)
+        config_tied = spec.is_tied(self.source.config)
+        head_is_table = config_tied and self._head_is_table()
+        tied = head_is_table and bool({spec.head, spec.head_tied_to} & rewritten)
+        head_stored_apart = config_tied and not head_is_table
         stem_embeddings = {stem.embedding: stem for stem in spec.stem_norms}
         compress = self.target == "crmsnorm"
 
@@ -361,6 +368,7 @@ class _Planner:
             ops=self._ordered(),
             dropped=dropped,
             untied_head=tied,
+            head_stored_apart=head_stored_apart,
             norms=self.norms,
             biased=self.biased,
             removed=self.removed,
@@ -376,6 +384,27 @@ class _Planner:
         if resized:
             check_resized_forward(self.model, plan)
         return plan
+
+    def _head_is_table(self) -> bool:
+        """Whether the original, as transformers loads it, computes its head from the embedding table
+        (its config ties them): yes when the file stores the table alone, or both with equal values;
+        a head stored alone fills the table (both are then read from its key); a head stored with
+        different values is kept apart, untied (transformers' tie_weights at load, with a warning)."""
+        head, table = f"{self.spec.head}.weight", f"{self.spec.head_tied_to}.weight"
+        if self.has(head) and not self.has(table):
+            self.stored[table] = self.stored.pop(head)
+        return not (self.has(head) and self.has(table)) or self._stored_equal(self.key(head), self.key(table))
+
+    def _stored_equal(self, first: str, second: str) -> bool:
+        """Two stored tensors hold the same values (compared in row blocks: memory stays bounded)."""
+        a, b = self.source.tensors[first], self.source.tensors[second]
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        if not a.shape:
+            return torch.equal(self.source.read(first), self.source.read(second))
+        rows = max(1, DEFAULT_BLOCK_BYTES // max(1, _numel(a.shape[1:]) * element_size(a.dtype)))
+        blocks = [(start, min(start + rows, a.shape[0])) for start in range(0, a.shape[0], rows)]
+        return all(torch.equal(self.source.read_rows(first, *block), self.source.read_rows(second, *block)) for block in blocks)
 
     def _plan_reader(self, reader: str, gamma: str | None, beta: str | None, tied: bool) -> None:
         spec = self.spec
