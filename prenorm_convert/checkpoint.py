@@ -229,11 +229,26 @@ def _pickle_tensors(path: Path) -> dict[str, StoredTensor]:
 # -- output folder --------------------------------------------------------------------------
 
 
+def check_output_location(src: Path, out: Path) -> None:
+    """OUT may be neither SRC, nor a folder holding SRC, nor inside SRC (paths compared resolved:
+    `..` and symlinks followed), so that replacing OUT can never touch the original."""
+    src_real, out_real = Path(src).resolve(), Path(out).resolve()
+    if out_real == src_real or out_real in src_real.parents:
+        raise BadInputError(
+            f"OUT '{out}' is SRC or a folder that holds it, and OUT gets replaced; the original checkpoint is never "
+            "modified: choose another output folder"
+        )
+    if src_real in out_real.parents:
+        raise BadInputError(f"OUT '{out}' is inside SRC '{src}'; write the converted checkpoint outside the original's folder")
+
+
 @contextmanager
 def atomic_output_dir(out: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary sibling of OUT; on success it replaces OUT, on any failure it vanishes.
 
-    An existing OUT is untouched unless everything succeeded and overwrite was asked for.
+    An existing OUT is untouched unless everything succeeded and overwrite was asked for; an OUT
+    that appears while the work runs is never replaced without overwrite. OUT gets the permissions
+    of a folder made with mkdir under the current umask (not mkdtemp's private 0700).
     """
     out = Path(out).absolute()
     if out.exists() and not overwrite:
@@ -244,14 +259,32 @@ def atomic_output_dir(out: Path, overwrite: bool) -> Iterator[Path]:
         raise BadInputError(f"the parent folder of '{out}' does not exist; create it first")
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
+        os.chmod(staging, 0o777 & ~_umask())
         yield staging
+        if out.exists() and not overwrite:
+            raise BadInputError(f"'{out}' appeared while converting; it was left as it is (pass --overwrite to replace it)")
+        _replace_folder(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if out.exists():
-        retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, retired / out.name)
+
+
+def _replace_folder(staging: Path, out: Path) -> None:
+    if not out.exists():
         os.replace(staging, out)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
+        return
+    retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.replace(out, retired / out.name)
+    try:
         os.replace(staging, out)
+    except BaseException:
+        os.replace(retired / out.name, out)  # put the previous OUT back
+        retired.rmdir()
+        raise
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

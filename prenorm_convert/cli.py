@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import shlex
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -29,22 +31,57 @@ stderr = Console(stderr=True)
 EXIT_OK, EXIT_VERIFY_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
+class Terminated(Exception):
+    """SIGTERM (a CI job cancelled, a container stopped): unwinds like Ctrl-C, so nothing is left half-written."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+def _error_line(message: str) -> None:
+    stderr.print(f"[red]error:[/red] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
+
+
 def _run(action: Callable[[], int | None]) -> None:
     """Run a command body; typed errors become one-line messages and exit codes."""
     from .errors import VerificationFailed
 
+    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
     try:
         code = action() or EXIT_OK
     except VerificationFailed as exc:
-        stderr.print(f"[red]error:[/red] {escape(str(exc))}", markup=True, highlight=False, soft_wrap=True)
+        _error_line(str(exc))
         raise typer.Exit(EXIT_VERIFY_FAILED)
     except PrenormError as exc:
-        stderr.print(f"[red]error:[/red] {escape(str(exc))}", markup=True, highlight=False, soft_wrap=True)
+        _error_line(str(exc))
         raise typer.Exit(exc.exit_code)
+    except OSError as exc:  # disk full, read-only or missing folder, permissions: the environment, not a bug
+        where = f" ('{exc.filename}')" if exc.filename else ""
+        _error_line(f"{exc.strerror or exc}{where}; nothing was written (check free space and permissions)")
+        raise typer.Exit(EXIT_BAD_INPUT)
     except KeyboardInterrupt:
         stderr.print("[red]interrupted[/red]: nothing was written")
         raise typer.Exit(130)
+    except Terminated:
+        stderr.print("[red]terminated[/red]: nothing was written")
+        raise typer.Exit(143)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     raise typer.Exit(code)
+
+
+def _check_json_path(json_path: Path | None) -> None:
+    """--json PATH is checked before any work: its folder must exist, and PATH must not be a folder."""
+    from .errors import BadInputError
+
+    if json_path is None or str(json_path) == "-":
+        return
+    if json_path.is_dir():
+        raise BadInputError(f"--json '{json_path}' is a folder; give a file path (or '-' for stdout)")
+    if not json_path.absolute().parent.is_dir():
+        raise BadInputError(f"--json '{json_path}': its folder does not exist; create it first (or use '-' for stdout)")
 
 
 def _reporter(quiet: bool):
@@ -135,7 +172,7 @@ def convert(
     fold_affine: bool = typer.Option(False, "--fold-affine", help="Fold γ, β into the readers: weightless RMSNorm."),
     pad_to: Optional[int] = PadToOption,
     dtype: str = typer.Option("auto", help="auto (keep the stored dtype), float32, float16 or bfloat16."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists (only once everything succeeded)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists (only once everything succeeded, verification included)."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the equivalence check."),
     allow_pickle: bool = AllowPickleOption,
     max_shard_size: str = typer.Option("5GB", help="Largest output shard, e.g. 5GB, 500MB."),
@@ -167,6 +204,7 @@ def convert(
         from .errors import BadInputError, VerificationFailed
         from .hub import HUB_ID
 
+        _check_json_path(json_path)
         if push_to_hub is not None:
             if no_verify:
                 raise BadInputError("--push-to-hub pushes verified conversions only; drop --no-verify (or push later with `prenorm-convert push OUT REPO_ID --force`)")
@@ -240,6 +278,7 @@ def verify(
     def body():
         from .verification import verify as run_verify
 
+        _check_json_path(json_path)
         report = run_verify(
             original,
             converted,
@@ -253,7 +292,10 @@ def verify(
         if not quiet:
             print_report(report, f"{original} vs {converted}")
         _write_json(json_path, report)
-        return EXIT_OK if report["passed"] else EXIT_VERIFY_FAILED
+        if not report["passed"]:
+            _error_line("verification failed: " + "; ".join(report["failures"]))
+            return EXIT_VERIFY_FAILED
+        return EXIT_OK
 
     _run(body)
 
@@ -310,7 +352,10 @@ def inspect_command(
 
 @app.command()
 def families(as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON on stdout.")):
-    """List the supported families, what each refuses, and the model types that cannot be converted."""
+    """List the supported families, what each refuses, and the model types that cannot be converted.
+
+    Example:  [bold]prenorm-convert families --json[/bold]
+    """
 
     def body():
         from .inspection import families as list_families
@@ -364,7 +409,7 @@ def demo(
         result = run_convert(original, converted, target=target, fold_affine=fold_affine, overwrite=True, reporter=reporter)
         if not quiet:
             print_report(result.report, f"{original} -> {converted}")
-        stdout.print(json.dumps(result.report, indent=2))
+        sys.stdout.write(json.dumps(result.report, indent=2) + "\n")  # not through rich: no wrapping, no markup
 
     _run(body)
 
@@ -459,6 +504,7 @@ def bench(
     def body():
         from .bench import BenchSettings, benchmark
 
+        _check_json_path(json_path)
         settings = BenchSettings(
             batch_sizes=_int_list(batch_sizes, "--batch-sizes"),
             seq_lens=_int_list(seq_lens, "--seq-lens"),

@@ -14,7 +14,7 @@ import torch
 
 from . import __version__
 from .card import write_model_card
-from .checkpoint import SourceCheckpoint, atomic_output_dir
+from .checkpoint import SourceCheckpoint, atomic_output_dir, check_output_location
 from .errors import BadInputError, VerificationFailed
 from .hub import resolve_source
 from .plan import ConversionPlan, make_plan, parse_dtype
@@ -23,7 +23,7 @@ from .row_blocks import DEFAULT_BLOCK_BYTES, Workspace, run_op_in_blocks, sliced
 from .safetensors_io import OutputTensor, StreamingShardWriter
 from .spec import match_spec
 from .transform import STEPS
-from .verification import Tolerances, verify
+from .verification import Tolerances, read_prompt_lines, verify
 
 REMOTE_CODE_FILE = "modeling_prenorm.py"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -187,22 +187,25 @@ def convert(
     pad_to: int | None = None,
     reporter: Reporter = SILENT,
 ) -> ConversionResult:
-    """Convert the Pre-LN checkpoint in SRC into OUT. Raises VerificationFailed (after writing OUT) when
-    the converted model does not match; any other error leaves nothing behind."""
+    """Convert the Pre-LN checkpoint in SRC into OUT. Raises VerificationFailed (after writing OUT,
+    unless that would replace an existing OUT) when the converted model does not match; any other
+    error leaves nothing behind."""
     out = Path(out)
     out_dtype = parse_dtype(dtype)
     max_shard_bytes = parse_size(max_shard_size)
     if out.exists() and not overwrite:
         raise BadInputError(f"'{out}' already exists; pass --overwrite to replace it, or choose another output folder")
+    if verify_output and prompts_file is not None:
+        read_prompt_lines(prompts_file)  # a bad --prompts file fails now, not after the rewrite
     # SRC may be a hub id: download what the conversion reads (nothing is written to OUT before this succeeds)
     resolved = resolve_source(src, revision=revision, token=token, allow_pickle=allow_pickle, reporter=reporter)
+    check_output_location(resolved.path, out)
     source = SourceCheckpoint.open(resolved.path, allow_pickle=allow_pickle)
     spec = match_spec(source.config)
     with reporter.step(f"planning the {target} conversion of a {spec.family} checkpoint"):
         plan = make_plan(source, spec, target=target, fold_affine=fold_affine, dtype=out_dtype, pad_to=pad_to)
-    if resolved.path.absolute() == out.absolute():
-        raise BadInputError("OUT must differ from SRC; the original checkpoint is never modified")
     report = None
+    replacing = out.exists()
     with atomic_output_dir(out, overwrite) as staging:
         write_weights(source, plan, staging, max_shard_bytes, reporter)
         source.close()
@@ -212,6 +215,12 @@ def convert(
         write_remote_code(staging)
         if verify_output:
             report = verify(resolved, staging, tolerances=tolerances, prompts_file=prompts_file, allow_pickle=allow_pickle, reporter=reporter)
+            if replacing and not report["passed"]:  # --overwrite replaces OUT only with a conversion that passed
+                raise VerificationFailed(
+                    "verification failed: " + "; ".join(report["failures"]) + f"; '{out}' was kept as it was and this "
+                    "conversion discarded (convert into a new folder to keep a failing result)",
+                    report,
+                )
             (staging / "conversion_report.json").write_text(json.dumps(report, indent=2) + "\n")
         write_model_card(staging, config, plan, report, command)
     result = ConversionResult(out, plan, report)

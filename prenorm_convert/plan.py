@@ -113,10 +113,13 @@ def build_meta_model(config: dict):
     """The stock transformers model for this config, on the meta device (no memory)."""
     import transformers
 
-    config_object = transformers.AutoConfig.for_model(**config)
-    with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(config_object)
-    return model
+    try:
+        config_object = transformers.AutoConfig.for_model(**config)
+        with torch.device("meta"):
+            return transformers.AutoModelForCausalLM.from_config(config_object)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BadInputError(f"transformers cannot build a model from this config.json ({reason}); fix or re-download it") from None
 
 
 # -- structural checks ("Structural checks beat name lists", FAMILIES.md) ------------------------
@@ -234,6 +237,7 @@ class _Planner:
         check_structure(model, spec, self.d, self.L)
         self.params = dict(model.named_parameters(remove_duplicate=False))
         self.stored = self._map_stored_keys()
+        self._check_shapes()
         self.ops: list[TensorOp] = []
         self.done: set[str] = set()
         self.norms: dict[str, dict] = {}
@@ -258,6 +262,17 @@ class _Planner:
                 f"{self.spec.family} model built from its config.json does not have; config and weights disagree"
             )
         return mapping
+
+    def _check_shapes(self) -> None:
+        """Every stored tensor has the shape the model built from config.json gives its parameter."""
+        for canonical, stored in self.stored.items():
+            expected, found = tuple(self.params[canonical].shape), tuple(self.source.tensors[stored].shape)
+            if expected != found:
+                raise CorruptCheckpointError(
+                    f"config.json and the weights disagree: '{stored}' is {list(found)} in the file, but a "
+                    f"{self.spec.family} model built from config.json has {list(expected)}; "
+                    "the config belongs to another checkpoint (fix or re-download it)"
+                )
 
     def has(self, name: str) -> bool:
         return name in self.stored

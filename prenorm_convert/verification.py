@@ -125,14 +125,7 @@ def converted_dtype(path: str | Path) -> torch.dtype:
 
 def build_prompts(original: str | Path, vocab_size: int, prompts_file: str | Path | None = None) -> list[torch.Tensor]:
     """Token-id prompts: the model's own tokenizer on varied texts, or seeded random ids."""
-    texts = list(DEFAULT_PROMPTS)
-    if prompts_file is not None:
-        prompts_path = Path(prompts_file)
-        if not prompts_path.exists():
-            raise BadInputError(f"--prompts file '{prompts_path}' does not exist")
-        texts = [line for line in prompts_path.read_text().splitlines() if line.strip()]
-        if not texts:
-            raise BadInputError(f"--prompts file '{prompts_path}' holds no non-empty line")
+    texts = list(DEFAULT_PROMPTS) if prompts_file is None else read_prompt_lines(prompts_file)
     tokenizer = _tokenizer(original)
     if tokenizer is not None:
         encoded = [torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long) for text in texts]
@@ -141,6 +134,33 @@ def build_prompts(original: str | Path, vocab_size: int, prompts_file: str | Pat
         raise BadInputError(f"--prompts needs a tokenizer, and '{original}' has none")
     generator = torch.Generator().manual_seed(0)
     return [torch.randint(0, vocab_size, (RANDOM_PROMPT_LENGTH,), generator=generator) for _ in range(RANDOM_PROMPTS)]
+
+
+def read_prompt_lines(prompts_file: str | Path) -> list[str]:
+    """The non-empty lines of a --prompts file (UTF-8 text); checked before any work starts."""
+    path = Path(prompts_file)
+    if not path.exists():
+        raise BadInputError(f"--prompts file '{path}' does not exist")
+    if not path.is_file():
+        raise BadInputError(f"--prompts '{path}' is not a file; give a text file with one prompt per line")
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError:
+        raise BadInputError(f"--prompts file '{path}' is not UTF-8 text") from None
+    if not lines:
+        raise BadInputError(f"--prompts file '{path}' holds no non-empty line")
+    return lines
+
+
+def fit_positions(prompts: list[torch.Tensor], config, greedy_tokens: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(prompts cut to the model's positions, the first two cut to leave room for greedy_tokens)."""
+    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if not limit:  # no learned positions (BLOOM's ALiBi): any length
+        return prompts, prompts[:2] if greedy_tokens > 0 else []
+    if greedy_tokens >= limit:
+        raise BadInputError(f"--greedy-tokens {greedy_tokens} does not fit the model's {limit} positions; ask for fewer")
+    greedy_prompts = [ids[: limit - greedy_tokens] for ids in prompts[:2]] if greedy_tokens > 0 else []
+    return [ids[:limit] for ids in prompts], greedy_prompts
 
 
 def _tokenizer(path: str | Path):
@@ -247,10 +267,12 @@ def verify(
     ORIGINAL may be a hub id; without `revision` it is read at the commit CONVERTED records, if any.
     An original stored only as pickled *.bin files is refused unless ``allow_pickle`` (transformers
     then loads it with torch.load(weights_only=True))."""
-    from .checkpoint import weights_format
+    from .checkpoint import read_config, weights_format
     from .hub import recorded_revision, resolve_source
 
     tolerances = tolerances or Tolerances()
+    if prompts_file is not None:
+        read_prompt_lines(prompts_file)
     source = resolve_source(
         original, revision=revision or recorded_revision(original, converted), token=token, allow_pickle=allow_pickle, reporter=reporter
     )
@@ -259,12 +281,16 @@ def verify(
         if not Path(path).is_dir():
             raise BadInputError(f"'{path}' is not a checkpoint folder")
     weights_format(Path(original), allow_pickle)
+    if "prenorm" in read_config(Path(original)):
+        raise BadInputError(
+            f"ORIGINAL '{source.name}' was written by prenorm-convert; pass the Pre-LN checkpoint it was converted from"
+        )
     dtype = dtype or converted_dtype(converted)
     with reporter.step("loading the original and the converted model"):
         reference_model = load_original(original, torch.float32)
         candidate_model = load_converted(converted, dtype=dtype)
     vocab_size = reference_model.get_output_embeddings().weight.shape[0]
-    prompts = build_prompts(original, vocab_size, prompts_file)
+    prompts, greedy_prompts = fit_positions(build_prompts(original, vocab_size, prompts_file), reference_model.config, tolerances.greedy_tokens)
     with reporter.step(f"comparing logits on {len(prompts)} prompts"):
         reference = _logits(reference_model, prompts)
         candidate = _logits(candidate_model, prompts)
@@ -275,7 +301,6 @@ def verify(
             reduced_original = load_original(original, dtype)
             original_error = compare_logits(reference, _logits(reduced_original, prompts))
     pad = _pad_id(reference_model)
-    greedy_prompts = prompts[:2] if tolerances.greedy_tokens > 0 else []  # --greedy-tokens 0: not compared
     with reporter.step(f"greedy generation of {tolerances.greedy_tokens} tokens"):
         matches = []
         for ids in greedy_prompts:

@@ -192,3 +192,56 @@ def test_verify_bad_input(workspace, gpt2_dir):
     assert result.exit_code == 2 and "not a folder written by prenorm-convert" in result.stderr
     result = run_cli("verify", workspace / "nope", gpt2_dir, "--quiet")
     assert result.exit_code == 2 and "not a checkpoint folder" in result.stderr
+
+
+def test_config_that_disagrees_with_the_weights(gpt2_dir, workspace):
+    for name, changes, parts in (
+        ("vocab", {"vocab_size": 500}, ("config.json and the weights disagree", "transformer.wte.weight", "[384, 64]", "[500, 64]")),
+        ("width", {"n_embd": 128}, ("config.json and the weights disagree",)),
+        ("heads", {"n_embd": 999}, ("transformers cannot build a model from this config.json", "divisible")),
+    ):
+        src = copy_of(gpt2_dir, workspace, name)
+        edit_config(src, **changes)
+        assert_refused(workspace, src, *parts)
+
+
+def test_bad_json_path_is_refused_before_any_work(gpt2_dir, workspace):
+    assert_refused(workspace, gpt2_dir, "--json", "its folder does not exist", extra=("--json", workspace / "nodir" / "r.json"))
+    assert_refused(workspace, gpt2_dir, "--json", "is a folder", extra=("--json", workspace))
+
+
+def test_bad_prompts_file_is_refused_before_any_work(gpt2_dir, workspace):
+    binary = workspace / "prompts.bin"
+    binary.write_bytes(b"\xff\xfe\x00bad")
+    assert_refused(workspace, gpt2_dir, "--prompts", "not UTF-8", extra=("--prompts", binary))
+    assert_refused(workspace, gpt2_dir, "--prompts", "is not a file", extra=("--prompts", gpt2_dir))
+    assert_refused(workspace, gpt2_dir, "--prompts", "does not exist", extra=("--prompts", workspace / "none.txt"))
+
+
+def test_prompts_longer_than_the_model_are_cut_to_its_positions(gpt2_dir, workspace):
+    prompts = workspace / "long.txt"
+    prompts.write_text("A long domain text that goes on and on about norms and residual streams. " * 30 + "\nshort\n")
+    result = run_cli("convert", gpt2_dir, workspace / "out-parent" / "out", "--quiet", "--prompts", prompts, "--json", "-")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["passed"] and report["prompts"] == 2 and report["greedy_match"]["identical"]
+    assert report["positions"] > 128, "the long prompt counts up to the model's 128 positions"
+
+
+def test_verify_reports_a_failure_in_one_line_even_when_quiet(gpt2_dir, workspace):
+    out = workspace / "out-parent" / "out"
+    assert run_cli("convert", gpt2_dir, out, "--quiet", "--no-verify").exit_code == 0
+    result = run_cli("verify", gpt2_dir, out, "--quiet", "--max-abs-logit-diff", "0")
+    assert result.exit_code == 1 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: verification failed: max |Δlogit|")
+    result = run_cli("verify", out, out, "--quiet")
+    assert result.exit_code == 2 and "was written by prenorm-convert" in result.stderr
+
+
+def test_demo_prints_plain_json(tmp_path):
+    workdir = tmp_path / ("a-long-folder-name-that-would-wrap-a-rich-console-line-" * 2 + "[bold]x")
+    result = run_cli("demo", "--workdir", workdir, "--quiet")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["passed"] and report["source"] == str(workdir / "original")
