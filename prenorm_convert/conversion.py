@@ -9,6 +9,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -123,6 +124,19 @@ def converted_config(source: SourceCheckpoint, plan: ConversionPlan, source_name
         "stream_width": plan.stream_width,
     }
     return config
+
+
+def op_rows(op, source: SourceCheckpoint, workspace: Workspace | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first row, rows) of one plan entry's result: block by block when it is row-wise (memory stays
+    a fixed budget; a block is valid until the next one is asked for), else whole."""
+    sliced = sliced_inputs(op, {arg: source.tensors[key].shape for arg, key in op.inputs.items()})
+    if sliced is None:
+        yield 0, run_op(op, _RecentTensors(source))
+        return
+    start = 0
+    for block in run_op_in_blocks(op, source, sliced, BLOCK_BYTES, workspace):
+        yield start, block
+        start += block.shape[0]
 
 
 def write_weights(source: SourceCheckpoint, plan: ConversionPlan, folder: Path, max_shard_bytes: int, reporter: Reporter) -> list[str]:
