@@ -36,6 +36,7 @@ from torch import nn
 
 from .errors import BadInputError
 from .progress import SILENT, Reporter
+from .verification import check_pair
 
 VARIANTS = ("original", "converted", "norm_free")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -371,6 +372,7 @@ def benchmark(
     for path in (original, converted):
         if not path.is_dir():
             raise BadInputError(f"'{path}' is not a checkpoint folder")
+    check_pair(original, converted)
     if settings.rounds < 1 or min(settings.batch_sizes + settings.seq_lens) < 1:
         raise BadInputError("rounds, batch sizes and sequence lengths must be positive")
     if threads is not None:

@@ -115,6 +115,29 @@ def load_original(path: str | Path, dtype: torch.dtype):
     return model.eval()
 
 
+def check_pair(original: Path, converted: Path) -> None:
+    """CONVERTED is a folder written by prenorm-convert from a checkpoint of ORIGINAL's family and
+    shape (its prenorm block records both); anything else is a usage error, not a failed comparison."""
+    from .checkpoint import read_config
+    from .spec import match_spec
+
+    original_config = read_config(Path(original))
+    if "prenorm" in original_config:
+        raise BadInputError(f"ORIGINAL '{original}' was written by prenorm-convert; pass the Pre-LN checkpoint it was converted from")
+    converted_path = Path(converted) / "config.json"
+    block = json.loads(converted_path.read_text()).get("prenorm") if converted_path.exists() else None
+    if not isinstance(block, dict):
+        raise BadInputError(f"'{converted}' is not a folder written by prenorm-convert (its config.json has no prenorm block)")
+    spec = match_spec(original_config)
+    d = spec.config_value(original_config, "hidden_size")  # None under a legacy key (BLOOM's n_embed)
+    if block.get("family") != spec.family or (d is not None and block.get("hidden_size") != int(d)):
+        raise BadInputError(
+            f"'{converted}' was converted from a checkpoint of family {block.get('family')} (hidden size "
+            f"{block.get('hidden_size')}), but ORIGINAL '{original}' is of family {spec.family} (hidden size {d}); "
+            "pass the pair that belongs together"
+        )
+
+
 def load_converted(path: str | Path, dtype: torch.dtype | str | None = None, **kwargs):
     """Load a folder written by prenorm-convert as its converted architecture (RMSNorm modules)."""
     import transformers
@@ -327,7 +350,7 @@ def verify(
     ORIGINAL may be a hub id; without `revision` it is read at the commit CONVERTED records, if any.
     An original stored only as pickled *.bin files is refused unless ``allow_pickle`` (transformers
     then loads it with torch.load(weights_only=True))."""
-    from .checkpoint import read_config, weights_format
+    from .checkpoint import weights_format
     from .hub import recorded_revision, resolve_source
 
     tolerances = tolerances or Tolerances()
@@ -341,10 +364,7 @@ def verify(
         if not Path(path).is_dir():
             raise BadInputError(f"'{path}' is not a checkpoint folder")
     weights_format(Path(original), allow_pickle)
-    if "prenorm" in read_config(Path(original)):
-        raise BadInputError(
-            f"ORIGINAL '{source.name}' was written by prenorm-convert; pass the Pre-LN checkpoint it was converted from"
-        )
+    check_pair(Path(original), Path(converted))
     dtype = dtype or converted_dtype(converted)
     with reporter.step("loading the original and the converted model"):
         reference_model = load_original(original, torch.float32)

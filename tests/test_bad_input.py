@@ -245,3 +245,17 @@ def test_demo_prints_plain_json(tmp_path):
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["passed"] and report["source"] == str(workdir / "original")
+
+
+def test_verify_and_bench_refuse_a_pair_that_does_not_belong_together(gpt2_dir, workspace):
+    from prenorm_convert.examples import build_checkpoint
+
+    out = workspace / "out-parent" / "out"
+    assert run_cli("convert", gpt2_dir, out, "--quiet", "--no-verify").exit_code == 0
+    opt = workspace / "opt"
+    build_checkpoint(opt, "opt", seed=0)
+    for command in (("verify",), ("bench", "--rounds", "1")):
+        result = run_cli(*command, opt, out, "--quiet")
+        assert result.exit_code == 2, (command, result.stderr)
+        message = " ".join(result.stderr.split())
+        assert "converted from a checkpoint of family gpt2" in message and "is of family opt" in message, message
