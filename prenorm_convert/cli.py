@@ -31,7 +31,7 @@ stderr = Console(stderr=True)
 EXIT_OK, EXIT_VERIFY_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
-class Terminated(Exception):
+class Terminated(BaseException):
     """SIGTERM (a CI job cancelled, a container stopped): unwinds like Ctrl-C, so nothing is left half-written."""
 
 
@@ -47,7 +47,8 @@ def _run(action: Callable[[], int | None]) -> None:
     """Run a command body; typed errors become one-line messages and exit codes."""
     from .errors import VerificationFailed
 
-    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         code = action() or EXIT_OK
     except VerificationFailed as exc:
@@ -67,8 +68,8 @@ def _run(action: Callable[[], int | None]) -> None:
         stderr.print("[red]terminated[/red]: nothing was written")
         raise typer.Exit(143)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        if main_thread:  # None: a handler installed outside Python, which SIG_DFL stands for
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
     raise typer.Exit(code)
 
 
@@ -110,14 +111,21 @@ def print_report(report: dict, title: str) -> None:
     stderr.print(table)
 
 
-def _write_json(path: Optional[Path], data: dict) -> None:
+def _write_json(path: Optional[Path], data: dict, written: Optional[Path] = None) -> None:
+    """--json PATH; ``written``: the folder already written by then, named if the report cannot be."""
+    from .errors import BadInputError
+
     if path is None:
         return
     text = json.dumps(data, indent=2) + "\n"
     if str(path) == "-":
         sys.stdout.write(text)
-    else:
+        return
+    try:
         path.write_text(text)
+    except OSError as exc:
+        done = f"; {written} was written (its conversion_report.json holds the report)" if written else ""
+        raise BadInputError(f"could not write the report to --json '{path}' ({exc.strerror or exc}){done}") from None
 
 
 # -- commands ---------------------------------------------------------------------------------
@@ -234,12 +242,12 @@ def convert(
             if failure.report is not None:
                 if not quiet:
                     print_report(failure.report, f"{src} -> {out}")
-                _write_json(json_path, failure.report)
+                _write_json(json_path, failure.report, written=failure.written)
             raise
         if result.report is not None:
             if not quiet:
                 print_report(result.report, f"{src} -> {out}")
-            _write_json(json_path, result.report)
+            _write_json(json_path, result.report, written=out)
         if not quiet:
             stderr.print(f"[green]wrote[/green] {out}")
         if push_to_hub is not None:
@@ -314,7 +322,8 @@ def inspect_command(
 ):
     """Show the family, sizes and every change a conversion would make. Writes nothing.
 
-    On a hub id only config.json, the index and the safetensors headers are fetched, never weights.
+    On a hub id only config.json, the index and the safetensors headers are fetched (and the few
+    tensors planning reads, by range requests), never whole weight files.
 
     Example:  [bold]prenorm-convert inspect ./gpt2 --target crmsnorm[/bold]
     """

@@ -219,7 +219,6 @@ def convert(
     with reporter.step(f"planning the {target} conversion of a {spec.family} checkpoint"):
         plan = make_plan(source, spec, target=target, fold_affine=fold_affine, dtype=out_dtype, pad_to=pad_to)
     report = None
-    replacing = out.exists()
     with atomic_output_dir(out, overwrite) as staging:
         write_weights(source, plan, staging, max_shard_bytes, reporter)
         source.close()
@@ -229,7 +228,7 @@ def convert(
         write_remote_code(staging)
         if verify_output:
             report = verify(resolved, staging, tolerances=tolerances, prompts_file=prompts_file, allow_pickle=allow_pickle, reporter=reporter)
-            if replacing and not report["passed"]:  # --overwrite replaces OUT only with a conversion that passed
+            if out.exists() and not report["passed"]:  # --overwrite replaces OUT only with a conversion that passed
                 raise VerificationFailed(
                     "verification failed: " + "; ".join(report["failures"]) + f"; '{out}' was kept as it was and this "
                     "conversion discarded (convert into a new folder to keep a failing result)",
@@ -239,5 +238,5 @@ def convert(
         write_model_card(staging, config, plan, report, command)
     result = ConversionResult(out, plan, report)
     if report is not None and not report["passed"]:
-        raise VerificationFailed("verification failed: " + "; ".join(report["failures"]), report)
+        raise VerificationFailed("verification failed: " + "; ".join(report["failures"]), report, written=out)
     return result

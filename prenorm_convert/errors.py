@@ -1,5 +1,9 @@
 """Typed errors. Library code raises these; only the CLI turns them into exit codes."""
 
+from __future__ import annotations
+
+from pathlib import Path
+
 
 class PrenormError(Exception):
     """Base class for every error this package raises on purpose."""
@@ -32,6 +36,7 @@ class VerificationFailed(PrenormError):
 
     exit_code = 1
 
-    def __init__(self, message: str, report: dict | None = None):
+    def __init__(self, message: str, report: dict | None = None, written: Path | None = None):
         super().__init__(message)
         self.report = report
+        self.written = written  # the output folder, when it was written all the same

@@ -129,13 +129,19 @@ def check_pair(original: Path, converted: Path) -> None:
     if not isinstance(block, dict):
         raise BadInputError(f"'{converted}' is not a folder written by prenorm-convert (its config.json has no prenorm block)")
     spec = match_spec(original_config)
-    d = spec.config_value(original_config, "hidden_size")  # None under a legacy key (BLOOM's n_embed)
-    if block.get("family") != spec.family or (d is not None and block.get("hidden_size") != int(d)):
+    if block.get("family") != spec.family:
         raise BadInputError(
-            f"'{converted}' was converted from a checkpoint of family {block.get('family')} (hidden size "
-            f"{block.get('hidden_size')}), but ORIGINAL '{original}' is of family {spec.family} (hidden size {d}); "
-            "pass the pair that belongs together"
+            f"'{converted}' was converted from a checkpoint of family {block.get('family')}, but ORIGINAL "
+            f"'{original}' is of family {spec.family}; pass the pair that belongs together"
         )
+    # the converted config.json is the source's, with the prenorm changes: its sizes are the source's
+    converted_config = json.loads(converted_path.read_text())
+    for key in (spec.config_keys["hidden_size"], spec.config_keys["num_layers"], "vocab_size"):
+        if key in original_config and key in converted_config and original_config[key] != converted_config[key]:
+            raise BadInputError(
+                f"'{converted}' was converted from a checkpoint with {key} {converted_config[key]}, but ORIGINAL "
+                f"'{original}' has {key} {original_config[key]}; pass the pair that belongs together"
+            )
 
 
 def load_converted(path: str | Path, dtype: torch.dtype | str | None = None, **kwargs):
@@ -265,7 +271,13 @@ def rounded_weights_error(original: Path, converted: Path, prompts: list[torch.T
         rewritten = [op for op in plan.ops if op.changed]
         not_matching = []
         for op in rewritten:
-            param = model.get_parameter(op.name)
+            try:
+                param = model.get_parameter(op.name)
+            except AttributeError:
+                param = None
+            if param is None or tuple(param.shape) != tuple(op.shape):  # not the model this rewrite makes
+                not_matching.append(op.name)
+                continue
             for start, rows in op_rows(op, source):
                 target = param[start : start + rows.shape[0]]
                 if op.name not in not_matching and not torch.equal(rows.to(stored_dtype).to(torch.float32), target):

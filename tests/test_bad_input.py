@@ -254,8 +254,13 @@ def test_verify_and_bench_refuse_a_pair_that_does_not_belong_together(gpt2_dir, 
     assert run_cli("convert", gpt2_dir, out, "--quiet", "--no-verify").exit_code == 0
     opt = workspace / "opt"
     build_checkpoint(opt, "opt", seed=0)
+    deeper = workspace / "gpt2-deeper"
+    build_checkpoint(deeper, "gpt2", seed=1, overrides={"n_layer": 3})
     for command in (("verify",), ("bench", "--rounds", "1")):
         result = run_cli(*command, opt, out, "--quiet")
         assert result.exit_code == 2, (command, result.stderr)
         message = " ".join(result.stderr.split())
         assert "converted from a checkpoint of family gpt2" in message and "is of family opt" in message, message
+        result = run_cli(*command, deeper, out, "--quiet")
+        assert result.exit_code == 2, (command, result.stderr)
+        assert "with n_layer 2" in result.stderr and "has n_layer 3" in " ".join(result.stderr.split())

@@ -114,3 +114,25 @@ def test_out_gets_the_umask_permissions_of_an_ordinary_folder(src, tmp_path):
         os.umask(previous)
     assert result.exit_code == 0, result.stderr
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o750
+
+
+def test_sigterm_is_not_swallowed_by_code_that_catches_exceptions(src, tmp_path, monkeypatch):
+    import transformers
+
+    def terminate(*args, **kwargs):  # inside verification's `except Exception` around the tokenizer
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", terminate)
+    before = snapshot(tmp_path)
+    result = run_cli("convert", src, tmp_path / "out", "--quiet")
+    assert result.exit_code == 143, result.stderr
+    assert snapshot(tmp_path) == before
+
+
+def test_a_report_that_cannot_be_written_says_out_was(src, tmp_path):
+    out = tmp_path / "out"
+    result = run_cli("convert", src, out, "--quiet", "--json", "/proc/version")
+    assert result.exit_code == 2
+    message = " ".join(result.stderr.split())
+    assert "could not write the report to --json '/proc/version'" in message and f"{out} was written" in message
+    assert json.loads((out / "conversion_report.json").read_text())["passed"]
