@@ -8,6 +8,7 @@ conversion adds no error beyond what the dtype itself costs (MATH.md "Numerics")
 
 from __future__ import annotations
 
+import gc
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -392,9 +393,6 @@ def verify(
         if dtype not in (torch.float32, torch.float64):
             reduced_original = load_original(original, dtype)
             original_error = compare_logits(reference, _logits(reduced_original, prompts))
-    if original_error is not None:
-        with reporter.step("measuring what rounding the rewritten tensors costs"):
-            weights_error = rounded_weights_error(original, converted, prompts, allow_pickle)
     pad = _pad_id(reference_model)
     with reporter.step(f"greedy generation of {tolerances.greedy_tokens} tokens"):
         matches = []
@@ -404,6 +402,13 @@ def verify(
             matches.append(bool(torch.equal(expected, actual)))
     with reporter.step("measuring the residual-stream mean"):
         residual = residual_mean_max(candidate_model, prompts)
+    params = {"params_original": _param_count(reference_model), "params_converted": _param_count(candidate_model)}
+    target = candidate_model.config.prenorm["target"]
+    if original_error is not None:
+        del reference_model, reduced_original, candidate_model  # one float32 model at a time from here
+        gc.collect()
+        with reporter.step("measuring what rounding the rewritten tensors costs"):
+            weights_error = rounded_weights_error(original, converted, prompts, allow_pickle)
     limits = tolerances.resolve(dtype, logit_scale, original_error, weights_error)
     failures = []
     if weights_error is not None and weights_error["tensors_not_matching"]:
@@ -431,14 +436,13 @@ def verify(
             "reference": _dtype_name(dtype) + " original" if original_error is not None else "float32 original",
         },
         "residual_mean_max": residual,
-        "params_original": _param_count(reference_model),
-        "params_converted": _param_count(candidate_model),
+        **params,
         "dtype": _dtype_name(dtype),
         "reference_dtype": "float32",
         "original_in_dtype": original_error,
         "rounded_weights": weights_error,
         "prompts": len(prompts),
-        "target": candidate_model.config.prenorm["target"],
+        "target": target,
         "source": source.name,
         "source_revision": source.revision,
         "tolerances": limits,
