@@ -24,7 +24,7 @@ from .row_blocks import DEFAULT_BLOCK_BYTES, Workspace, run_op_in_blocks, sliced
 from .safetensors_io import OutputTensor, StreamingShardWriter
 from .spec import match_spec
 from .transform import STEPS
-from .verification import Tolerances, read_prompt_lines, verify
+from .verification import Tolerances, check_greedy_fits, read_prompt_lines, verify
 
 REMOTE_CODE_FILE = "modeling_prenorm.py"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -215,6 +215,8 @@ def convert(
     resolved = resolve_source(src, revision=revision, token=token, allow_pickle=allow_pickle, reporter=reporter)
     check_output_location(resolved.path, out)
     source = SourceCheckpoint.open(resolved.path, allow_pickle=allow_pickle)
+    if verify_output:
+        check_greedy_fits(source.config, (tolerances or Tolerances()).greedy_tokens)
     spec = match_spec(source.config)
     with reporter.step(f"planning the {target} conversion of a {spec.family} checkpoint"):
         plan = make_plan(source, spec, target=target, fold_affine=fold_affine, dtype=out_dtype, pad_to=pad_to)

@@ -198,13 +198,19 @@ def read_prompt_lines(prompts_file: str | Path) -> list[str]:
     return lines
 
 
+def check_greedy_fits(config: dict, greedy_tokens: int) -> int | None:
+    """The model's number of positions (None: unlimited); --greedy-tokens must leave room for a prompt."""
+    limit = config.get("n_positions") or config.get("max_position_embeddings")
+    if limit and greedy_tokens >= limit:
+        raise BadInputError(f"--greedy-tokens {greedy_tokens} does not fit the model's {limit} positions; ask for fewer")
+    return limit
+
+
 def fit_positions(prompts: list[torch.Tensor], config, greedy_tokens: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(prompts cut to the model's positions, the first two cut to leave room for greedy_tokens)."""
-    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    limit = check_greedy_fits(config.to_dict(), greedy_tokens)
     if not limit:  # no learned positions (BLOOM's ALiBi): any length
         return prompts, prompts[:2] if greedy_tokens > 0 else []
-    if greedy_tokens >= limit:
-        raise BadInputError(f"--greedy-tokens {greedy_tokens} does not fit the model's {limit} positions; ask for fewer")
     greedy_prompts = [ids[: limit - greedy_tokens] for ids in prompts[:2]] if greedy_tokens > 0 else []
     return [ids[:limit] for ids in prompts], greedy_prompts
 

@@ -264,3 +264,7 @@ def test_verify_and_bench_refuse_a_pair_that_does_not_belong_together(gpt2_dir, 
         result = run_cli(*command, deeper, out, "--quiet")
         assert result.exit_code == 2, (command, result.stderr)
         assert "with n_layer 2" in result.stderr and "has n_layer 3" in " ".join(result.stderr.split())
+
+
+def test_greedy_tokens_that_do_not_fit_the_model_are_refused_before_any_work(gpt2_dir, workspace):
+    assert_refused(workspace, gpt2_dir, "--greedy-tokens 128", "128 positions", extra=("--greedy-tokens", "128"))
