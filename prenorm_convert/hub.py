@@ -183,15 +183,19 @@ class RangeReader:
         if count <= 0:
             return b""
         wanted = {"range": f"bytes={self.position}-{self.position + count - 1}"}
+        headers = {**self.request_headers, **wanted}
         with _hub_errors(self.repo_id, self.commit):
-            response = get_session().get(self.url, headers={**self.request_headers, **wanted}, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT)
-            hf_raise_for_status(response)
-        data = response.content
-        if response.status_code == 206:
-            total = response.headers.get("Content-Range", "").rpartition("/")[2]
-            self.size = int(total) if total.isdigit() else self.size
-        else:  # the server sent the whole file
-            self.size, data = len(data), data[self.position : self.position + count]
+            with get_session().stream("GET", self.url, headers=headers, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    hf_raise_for_status(response)
+                if response.status_code == 206:
+                    data = response.read()
+                    total = response.headers.get("Content-Range", "").rpartition("/")[2]
+                    self.size = int(total) if total.isdigit() else self.size
+                else:  # a server that ignores Range sends the whole file: keep only the range, stop there
+                    self.size = int(response.headers.get("Content-Length") or 0)
+                    data = _stream_slice(response.iter_bytes(), self.position, count)
         self.position += len(data)
         return data
 
@@ -202,6 +206,19 @@ class RangeReader:
 
     def close(self) -> None:
         pass
+
+
+def _stream_slice(chunks: Iterator[bytes], start: int, count: int) -> bytes:
+    """Bytes start..start+count of a stream, holding no more than those in memory."""
+    kept, offset = bytearray(), 0
+    for chunk in chunks:
+        end = offset + len(chunk)
+        if end > start:
+            kept += chunk[max(0, start - offset) : start + count - offset]
+        offset = end
+        if offset >= start + count:
+            break
+    return bytes(kept)
 
 
 def _from_cache(repo_id: str, revision: str | None, allow_pickle: bool, why: str, fix: str) -> ResolvedSource:

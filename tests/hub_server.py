@@ -57,6 +57,7 @@ class Request:
 
 class FakeHub:
     def __init__(self):
+        self.honor_range = True  # False: answer every GET with the whole file, as some mirrors do
         self.repos: dict[str, Repo] = {}
         self.requests: list[Request] = []
         self.lock = threading.Lock()
@@ -245,14 +246,17 @@ def _handler(hub: FakeHub):
             headers = {"X-Repo-Commit": sha, "ETag": f'"{hashlib.sha256(data).hexdigest()}"'}
             status, body = 200, data
             wanted = self.headers.get("Range")
-            if wanted and self.command == "GET":
+            if wanted and self.command == "GET" and hub.honor_range:
                 first, _, last = wanted.removeprefix("bytes=").partition("-")
                 start, stop = int(first), min(int(last) + 1 if last else len(data), len(data))
                 status, body = 206, data[start:stop]
                 headers["Content-Range"] = f"bytes {start}-{stop - 1}/{len(data)}"
             if self.command == "GET":
                 self.request_record.bytes_sent = len(body)
-            self._reply(status, body, headers, content_type="application/octet-stream")
+            try:
+                self._reply(status, body, headers, content_type="application/octet-stream")
+            except (BrokenPipeError, ConnectionResetError):  # a client that stopped reading
+                self.close_connection = True
 
         # -- writes ----------------------------------------------------------------------------
         def _writer(self) -> bool:

@@ -165,6 +165,21 @@ def test_inspect_on_a_hub_id_reads_headers_not_weights(hub, gpt2_dir, gpt2_bare_
     assert sent < len(data) / 10, (sent, len(data))
 
 
+def test_inspect_on_a_hub_id_copes_with_a_server_that_ignores_range(hub, gpt2_bare_dir):
+    commit = hub.add_repo("acme/no-ranges", repo_files(gpt2_bare_dir))
+    hub.honor_range = False
+    try:
+        remote = run_cli("inspect", "acme/no-ranges", "--json", "--fold-affine")
+    finally:
+        hub.honor_range = True
+    local = run_cli("inspect", gpt2_bare_dir, "--json", "--fold-affine")
+    assert remote.exit_code == 0, remote.stderr
+    remote_info, local_info = json.loads(remote.stdout), json.loads(local.stdout)
+    assert (remote_info.pop("source"), remote_info.pop("source_revision")) == ("acme/no-ranges", commit)
+    local_info.pop("source"), local_info.pop("source_revision")
+    assert remote_info == local_info
+
+
 def test_inspect_on_a_hub_id_refuses_a_damaged_header(hub, gpt2_dir, tmp_path):
     header = json.dumps({"lm_head.weight": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 8]}}).encode()
     damaged = len(header).to_bytes(8, "little") + header + bytes(8)
