@@ -233,7 +233,10 @@ def check_output_location(src: Path, out: Path) -> None:
     """OUT may be neither SRC, nor a folder holding SRC, nor inside SRC (paths compared resolved:
     `..` and symlinks followed), so that replacing OUT can never touch the original."""
     src_real, out_real = Path(src).resolve(), Path(out).resolve()
-    if out_real == src_real or out_real in src_real.parents:
+    holds_src = out_real == src_real or out_real in src_real.parents
+    if not holds_src and out_real.exists():  # the same folder under another spelling (case-insensitive disks, bind mounts)
+        holds_src = any(os.path.samefile(out_real, folder) for folder in (src_real, *src_real.parents))
+    if holds_src:
         raise BadInputError(
             f"OUT '{out}' is SRC or a folder that holds it, and OUT gets replaced; the original checkpoint is never "
             "modified: choose another output folder"

@@ -136,3 +136,15 @@ def test_a_report_that_cannot_be_written_says_out_was(src, tmp_path):
     message = " ".join(result.stderr.split())
     assert "could not write the report to --json '/proc/version'" in message and f"{out} was written" in message
     assert json.loads((out / "conversion_report.json").read_text())["passed"]
+
+
+def test_out_that_is_src_under_another_spelling_is_refused(src, tmp_path, monkeypatch):
+    """Case-insensitive disks and bind mounts name one folder two ways; resolve() does not see it,
+    os.path.samefile does (simulated here: this machine's disk is case-sensitive)."""
+    other = tmp_path / "SRC-elsewhere"
+    other.mkdir()
+    real_samefile = os.path.samefile
+    monkeypatch.setattr(os.path, "samefile", lambda a, b: {str(a), str(b)} == {str(other.resolve()), str(src.resolve())} or real_samefile(a, b))
+    before = snapshot(src)
+    result = run_cli("convert", src, other, "--quiet", "--overwrite", "--no-verify")
+    assert_src_kept(src, before, result, "is SRC or a folder that holds it")
