@@ -284,6 +284,7 @@ def verify(
     """
 
     def body():
+        from .verification import failure_message
         from .verification import verify as run_verify
 
         _check_json_path(json_path)
@@ -301,7 +302,7 @@ def verify(
             print_report(report, f"{original} vs {converted}")
         _write_json(json_path, report)
         if not report["passed"]:
-            _error_line("verification failed: " + "; ".join(report["failures"]))
+            _error_line(failure_message(report))
             return EXIT_VERIFY_FAILED
         return EXIT_OK
 

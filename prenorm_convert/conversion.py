@@ -24,7 +24,7 @@ from .row_blocks import DEFAULT_BLOCK_BYTES, Workspace, run_op_in_blocks, sliced
 from .safetensors_io import OutputTensor, StreamingShardWriter
 from .spec import match_spec
 from .transform import STEPS
-from .verification import Tolerances, check_greedy_fits, read_prompt_lines, verify
+from .verification import Tolerances, check_greedy_fits, failure_message, read_prompt_lines, verify
 
 REMOTE_CODE_FILE = "modeling_prenorm.py"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -232,13 +232,13 @@ def convert(
             report = verify(resolved, staging, tolerances=tolerances, prompts_file=prompts_file, allow_pickle=allow_pickle, reporter=reporter)
             if out.exists() and not report["passed"]:  # --overwrite replaces OUT only with a conversion that passed
                 raise VerificationFailed(
-                    "verification failed: " + "; ".join(report["failures"]) + f"; '{out}' was kept as it was and this "
-                    "conversion discarded (convert into a new folder to keep a failing result)",
+                    failure_message(report) + f"; '{out}' was kept as it was and this conversion discarded "
+                    "(convert into a new folder to keep a failing result)",
                     report,
                 )
             (staging / "conversion_report.json").write_text(json.dumps(report, indent=2) + "\n")
         write_model_card(staging, config, plan, report, command)
     result = ConversionResult(out, plan, report)
     if report is not None and not report["passed"]:
-        raise VerificationFailed("verification failed: " + "; ".join(report["failures"]), report, written=out)
+        raise VerificationFailed(failure_message(report), report, written=out)
     return result

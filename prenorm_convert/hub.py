@@ -161,7 +161,7 @@ class HubShards:
 
     def _read_header(self, name: str) -> dict[str, StoredTensor]:
         reader = self.open(self.folder / name)
-        reader.read(8)  # learns the file size
+        reader.read(8)  # learns the file size; read_header_from reads these 8 bytes again, from memory
         return read_header_from(reader, self.folder / name, reader.size)
 
 
@@ -172,6 +172,7 @@ class RangeReader:
         self.url, self.request_headers, self.repo_id, self.commit = url, request_headers, repo_id, commit
         self.position = 0
         self.size = 0
+        self.last: tuple[int, bytes] = (0, b"")  # the last range fetched: (start, bytes)
 
     def seek(self, position: int) -> None:
         self.position = position
@@ -182,6 +183,11 @@ class RangeReader:
 
         if count <= 0:
             return b""
+        start, kept = self.last
+        if start <= self.position and self.position + count <= start + len(kept):
+            data = kept[self.position - start : self.position - start + count]
+            self.position += len(data)
+            return data
         wanted = {"range": f"bytes={self.position}-{self.position + count - 1}"}
         headers = {**self.request_headers, **wanted}
         with _hub_errors(self.repo_id, self.commit):
@@ -196,6 +202,7 @@ class RangeReader:
                 else:  # a server that ignores Range sends the whole file: keep only the range, stop there
                     self.size = int(response.headers.get("Content-Length") or 0)
                     data = _stream_slice(response.iter_bytes(), self.position, count)
+        self.last = (self.position, data)
         self.position += len(data)
         return data
 

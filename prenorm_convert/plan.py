@@ -238,6 +238,7 @@ class _Planner:
         self.params = dict(model.named_parameters(remove_duplicate=False))
         self.stored = self._map_stored_keys()
         self._check_shapes()
+        self._read_table_from_a_head_stored_alone()
         self.ops: list[TensorOp] = []
         self.done: set[str] = set()
         self.norms: dict[str, dict] = {}
@@ -400,23 +401,27 @@ class _Planner:
             check_resized_forward(self.model, plan)
         return plan
 
+    def _read_table_from_a_head_stored_alone(self) -> None:
+        """A tied config whose file stores the head but not the embedding table (safetensors'
+        save_model keeps the name that sorts first): transformers fills the table from the head, so
+        the table is read from the head's key, and the file is planned as if it stored the table."""
+        head, table = f"{self.spec.head}.weight", f"{self.spec.head_tied_to}.weight"
+        if self.spec.is_tied(self.source.config) and self.has(head) and not self.has(table):
+            self.stored[table] = self.stored.pop(head)
+
     def _head_is_table(self) -> bool:
         """Whether the original, as transformers loads it, computes its head from the embedding table
         (its config ties them): yes when the file stores the table alone, or both with equal values;
-        a head stored alone fills the table (both are then read from its key); a head stored with
-        different values is kept apart, untied (transformers' tie_weights at load, with a warning)."""
+        a head stored with different values is kept apart, untied (transformers' tie_weights at
+        load, with a warning)."""
         head, table = f"{self.spec.head}.weight", f"{self.spec.head_tied_to}.weight"
-        if self.has(head) and not self.has(table):
-            self.stored[table] = self.stored.pop(head)
         return not (self.has(head) and self.has(table)) or self._stored_equal(self.key(head), self.key(table))
 
     def _stored_equal(self, first: str, second: str) -> bool:
-        """Two stored tensors hold the same values (compared in row blocks: memory stays bounded)."""
+        """Two stored matrices hold the same values (compared in row blocks: memory stays bounded)."""
         a, b = self.source.tensors[first], self.source.tensors[second]
         if a.shape != b.shape or a.dtype != b.dtype:
             return False
-        if not a.shape:
-            return torch.equal(self.source.read(first), self.source.read(second))
         rows = max(1, DEFAULT_BLOCK_BYTES // max(1, _numel(a.shape[1:]) * element_size(a.dtype)))
         blocks = [(start, min(start + rows, a.shape[0])) for start in range(0, a.shape[0], rows)]
         return all(torch.equal(self.source.read_rows(first, *block), self.source.read_rows(second, *block)) for block in blocks)

@@ -94,6 +94,11 @@ def dtype_cost_of(original_error: dict, weights_error: dict | None) -> dict:
     }
 
 
+def failure_message(report: dict) -> str:
+    """The one line a failed report is summed up in (CLI and VerificationFailed)."""
+    return "verification failed: " + "; ".join(report["failures"])
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -125,10 +130,8 @@ def check_pair(original: Path, converted: Path) -> None:
     original_config = read_config(Path(original))
     if "prenorm" in original_config:
         raise BadInputError(f"ORIGINAL '{original}' was written by prenorm-convert; pass the Pre-LN checkpoint it was converted from")
-    converted_path = Path(converted) / "config.json"
-    block = json.loads(converted_path.read_text()).get("prenorm") if converted_path.exists() else None
-    if not isinstance(block, dict):
-        raise BadInputError(f"'{converted}' is not a folder written by prenorm-convert (its config.json has no prenorm block)")
+    converted_config = converted_folder_config(converted)
+    block = converted_config["prenorm"]
     spec = match_spec(original_config)
     if block.get("family") != spec.family:
         raise BadInputError(
@@ -136,7 +139,6 @@ def check_pair(original: Path, converted: Path) -> None:
             f"'{original}' is of family {spec.family}; pass the pair that belongs together"
         )
     # the converted config.json is the source's, with the prenorm changes: its sizes are the source's
-    converted_config = json.loads(converted_path.read_text())
     for key in (spec.config_keys["hidden_size"], spec.config_keys["num_layers"], "vocab_size"):
         if key in original_config and key in converted_config and original_config[key] != converted_config[key]:
             raise BadInputError(
@@ -145,15 +147,22 @@ def check_pair(original: Path, converted: Path) -> None:
             )
 
 
+def converted_folder_config(path: str | Path) -> dict:
+    """config.json of a folder written by prenorm-convert (it has a prenorm block); BadInputError otherwise."""
+    config_path = Path(path) / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.exists() else None
+    if not isinstance(config, dict) or not isinstance(config.get("prenorm"), dict):
+        raise BadInputError(f"'{path}' is not a folder written by prenorm-convert (its config.json has no prenorm block)")
+    return config
+
+
 def load_converted(path: str | Path, dtype: torch.dtype | str | None = None, **kwargs):
     """Load a folder written by prenorm-convert as its converted architecture (RMSNorm modules)."""
     import transformers
 
     _quiet_transformers()
     path = Path(path)
-    config_path = path / "config.json"
-    if not config_path.exists() or "prenorm" not in json.loads(config_path.read_text()):
-        raise BadInputError(f"'{path}' is not a folder written by prenorm-convert (its config.json has no prenorm block)")
+    converted_folder_config(path)
     model = transformers.AutoModelForCausalLM.from_pretrained(
         str(path), trust_remote_code=True, dtype=dtype if dtype is not None else "auto", **kwargs
     )
@@ -169,14 +178,15 @@ def converted_dtype(path: str | Path) -> torch.dtype:
 # -- prompts ---------------------------------------------------------------------------------
 
 
-def build_prompts(original: str | Path, vocab_size: int, prompts_file: str | Path | None = None) -> list[torch.Tensor]:
-    """Token-id prompts: the model's own tokenizer on varied texts, or seeded random ids."""
-    texts = list(DEFAULT_PROMPTS) if prompts_file is None else read_prompt_lines(prompts_file)
+def build_prompts(original: str | Path, vocab_size: int, prompt_lines: list[str] | None = None) -> list[torch.Tensor]:
+    """Token-id prompts: the model's own tokenizer on varied texts (``prompt_lines``, from a --prompts
+    file, or the built-in ones), or seeded random ids."""
+    texts = list(DEFAULT_PROMPTS) if prompt_lines is None else prompt_lines
     tokenizer = _tokenizer(original)
     if tokenizer is not None:
         encoded = [torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long) for text in texts]
         return [ids for ids in encoded if ids.numel() > 0]
-    if prompts_file is not None:
+    if prompt_lines is not None:
         raise BadInputError(f"--prompts needs a tokenizer, and '{original}' has none")
     generator = torch.Generator().manual_seed(0)
     return [torch.randint(0, vocab_size, (RANDOM_PROMPT_LENGTH,), generator=generator) for _ in range(RANDOM_PROMPTS)]
@@ -267,7 +277,7 @@ def rounded_weights_error(original: Path, converted: Path, prompts: list[torch.T
     from .plan import make_plan
     from .spec import match_spec
 
-    block = json.loads((Path(converted) / "config.json").read_text())["prenorm"]
+    block = converted_folder_config(converted)["prenorm"]
     stored_dtype = converted_dtype(converted)
     source = SourceCheckpoint.open(original, allow_pickle=allow_pickle)
     try:
@@ -373,8 +383,7 @@ def verify(
     from .hub import recorded_revision, resolve_source
 
     tolerances = tolerances or Tolerances()
-    if prompts_file is not None:
-        read_prompt_lines(prompts_file)
+    prompt_lines = read_prompt_lines(prompts_file) if prompts_file is not None else None
     source = resolve_source(
         original, revision=revision or recorded_revision(original, converted), token=token, allow_pickle=allow_pickle, reporter=reporter
     )
@@ -389,7 +398,7 @@ def verify(
         reference_model = load_original(original, torch.float32)
         candidate_model = load_converted(converted, dtype=dtype)
     vocab_size = reference_model.get_output_embeddings().weight.shape[0]
-    prompts, greedy_prompts = fit_positions(build_prompts(original, vocab_size, prompts_file), reference_model.config, tolerances.greedy_tokens)
+    prompts, greedy_prompts = fit_positions(build_prompts(original, vocab_size, prompt_lines), reference_model.config, tolerances.greedy_tokens)
     with reporter.step(f"comparing logits on {len(prompts)} prompts"):
         reference = _logits(reference_model, prompts)
         candidate = _logits(candidate_model, prompts)
