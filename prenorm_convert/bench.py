@@ -34,6 +34,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from .checkpoint import check_path_encoding
 from .errors import BadInputError
 from .progress import SILENT, Reporter
 from .verification import check_pair
@@ -353,6 +354,11 @@ def _resolve_device(name: str) -> torch.device:
         raise BadInputError(f"--device '{name}' is not a torch device (try cpu or cuda)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BadInputError("--device cuda was asked for, but torch sees no CUDA device")
+    try:  # any other device type (mps, xpu, a missing cuda:N): usable only if torch can allocate on it
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError, AttributeError, NotImplementedError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        raise BadInputError(f"--device '{name}' is not usable on this machine ({reason}); try --device cpu") from None
     return device
 
 
@@ -369,9 +375,11 @@ def benchmark(
     """Measure ORIGINAL, CONVERTED and the norm-free bound; returns the report dict (see module doc)."""
     settings = settings or BenchSettings()
     original, converted = Path(original), Path(converted)
-    for path in (original, converted):
+    for path, what in ((original, "ORIGINAL"), (converted, "CONVERTED")):
         if not path.is_dir():
             raise BadInputError(f"'{path}' is not a checkpoint folder")
+        check_path_encoding(path, what)
+    torch_device = _resolve_device(device)
     check_pair(original, converted)
     if settings.rounds < 1 or min(settings.batch_sizes + settings.seq_lens) < 1:
         raise BadInputError("rounds, batch sizes and sequence lengths must be positive")
@@ -379,7 +387,6 @@ def benchmark(
         if threads < 1:
             raise BadInputError(f"--threads must be positive, got {threads}")
         torch.set_num_threads(threads)
-    torch_device = _resolve_device(device)
     torch_dtype = _resolve_dtype(dtype, converted)
     load_before = _load_average()
     with reporter.step("loading the original and the converted model"):

@@ -23,7 +23,8 @@ REPORT_ROWS = (
 
 
 def report_rows(report: dict) -> list[tuple[str, str]]:
-    rows = [(label, fmt.format(report[key])) for label, key, fmt in REPORT_ROWS]
+    # a non-finite measurement is written as null (docs/report.md, "Strict JSON") and fails the gate
+    rows = [(label, "non-finite" if report[key] is None else fmt.format(report[key])) for label, key, fmt in REPORT_ROWS]
     greedy = report["greedy_match"]
     rows.append(("greedy generation", f"{'identical' if greedy['identical'] else 'DIFFERENT'} ({greedy['tokens_compared']} tokens)"))
     rows.append(("passed", "yes" if report["passed"] else "NO: " + "; ".join(report["failures"])))
@@ -58,9 +59,25 @@ def loading_instructions(config: dict) -> str:
     return "\n".join(lines)
 
 
-def card_for_repo(card: str, repo_id: str) -> str:
-    """The card as uploaded to repo_id: its loading snippet names the repository."""
-    return card.replace(f'from_pretrained("{LOCATION_PLACEHOLDER}"', f'from_pretrained("{repo_id}"')
+REPORT_HEADING = "## Equivalence report"
+
+
+def report_section(report: dict | None) -> str:
+    if report is None:
+        return f"{REPORT_HEADING}\nNot verified (`--no-verify`). Run `prenorm-convert verify ORIGINAL THIS_FOLDER`."
+    table = "\n".join(f"| {label} | {value} |" for label, value in report_rows(report))
+    return f"{REPORT_HEADING}\n| metric | value |\n|---|---|\n" + table
+
+
+def card_for_repo(card: str, repo_id: str, report: dict | None = None) -> str:
+    """The card as uploaded to repo_id: its loading snippet names the repository, and its report section
+    shows ``report`` (the folder's conversion_report.json, which `verify --json` may have written since)."""
+    card = card.replace(f'from_pretrained("{LOCATION_PLACEHOLDER}"', f'from_pretrained("{repo_id}"')
+    if report is None or REPORT_HEADING not in card:
+        return card
+    before, _, rest = card.partition(REPORT_HEADING)
+    _, heading, after = rest.partition("\n## ")
+    return before + report_section(report) + ("\n\n## " + after if heading else "\n")
 
 
 def front_matter(config: dict) -> dict:
@@ -119,11 +136,7 @@ def write_model_card(folder: Path, config: dict, plan, report: dict | None, comm
             "The source config ties the LM head to the embedding, but its checkpoint stores a head with other values, "
             "which transformers keeps apart when loading; it was converted that way and is written untied."
         )
-    if report is not None:
-        table = "\n".join(f"| {label} | {value} |" for label, value in report_rows(report))
-        parts.append("## Equivalence report\n| metric | value |\n|---|---|\n" + table)
-    else:
-        parts.append("## Equivalence report\nNot verified (`--no-verify`). Run `prenorm-convert verify ORIGINAL THIS_FOLDER`.")
+    parts.append(report_section(report))
     if command:
         parts.append(f"## Conversion command\n```\n{command}\n```")
     else:

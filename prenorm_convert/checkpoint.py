@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
+import socket
+import stat
 import tempfile
+import time
 from contextlib import contextmanager
-from pathlib import Path
-from typing import BinaryIO, Iterator, Protocol
+from pathlib import Path, PureWindowsPath
+from typing import BinaryIO, Callable, Iterator, Protocol
 
 import torch
 
-from .errors import BadInputError, CorruptCheckpointError
+from .errors import BadInputError, CorruptCheckpointError, option
 from .safetensors_io import DTYPE_NAMES, DTYPES, StoredTensor, read_header, read_tensor, row_block
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -48,10 +52,7 @@ class LocalShards:
         self.path = path
 
     def header(self, file_name: str) -> dict[str, StoredTensor]:
-        shard = self.path / file_name
-        if not shard.exists():
-            raise CorruptCheckpointError(f"{SAFE_INDEX} refers to shard {file_name}, which is missing; re-download it")
-        return read_header(shard)
+        return read_header(local_file(self.path, file_name, SAFE_INDEX if file_name != SAFE_SINGLE else "the checkpoint"))
 
     def open(self, file: Path) -> BinaryIO:
         return open(file, "rb")
@@ -164,6 +165,7 @@ def read_config(path: Path) -> dict:
     config_path = path / "config.json"
     if not config_path.exists():
         raise BadInputError(f"'{path}' is not a transformers checkpoint: it has no config.json")
+    _check_regular(config_path, "config.json")
     try:
         config = json.loads(config_path.read_text())
     except (ValueError, UnicodeDecodeError) as exc:
@@ -181,11 +183,12 @@ def _safetensors_tensors(path: Path, shards: Shards) -> dict[str, StoredTensor]:
     index_path = path / SAFE_INDEX
     if not index_path.exists():
         return shards.header(SAFE_SINGLE)
-    try:
-        weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CorruptCheckpointError(f"{SAFE_INDEX} is not a valid index (no weight_map); re-download it") from exc
-    headers = {file_name: shards.header(file_name) for file_name in sorted(set(weight_map.values()))}
+    weight_map = _read_weight_map(index_path)
+    files = sorted(set(weight_map.values()))
+    if isinstance(shards, LocalShards):  # every shard checked before any is opened
+        for file_name in files:
+            local_file(path, file_name, SAFE_INDEX)
+    headers = {file_name: shards.header(file_name) for file_name in files}
     tensors = {}
     for name, file_name in weight_map.items():
         if name not in headers[file_name]:
@@ -195,6 +198,74 @@ def _safetensors_tensors(path: Path, shards: Shards) -> dict[str, StoredTensor]:
             )
         tensors[name] = headers[file_name][name]
     return tensors
+
+
+def _read_weight_map(index_path: Path) -> dict[str, str]:
+    """An index's weight_map (tensor name -> shard file name), every file name checked by
+    check_shard_name: nothing outside the checkpoint folder is ever named."""
+    index_name = index_path.name
+    _check_regular(index_path, index_name)
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise CorruptCheckpointError(f"{index_name} is not a valid index (no weight_map); re-download it") from exc
+    if not isinstance(weight_map, dict):
+        raise CorruptCheckpointError(f"{index_name} is not a valid index (its weight_map is not a JSON object); re-download it")
+    for name, file_name in weight_map.items():
+        check_shard_name(file_name, index_name, name)
+    return weight_map
+
+
+def check_shard_name(file_name: object, index_name: str, tensor: str) -> None:
+    """A shard name from an index must be a plain relative path inside the checkpoint folder:
+    a non-empty string of '/'-separated parts, none of them empty, '.' or '..', no backslash,
+    no NUL, not absolute and no drive (on any OS)."""
+    shown = repr(file_name) if isinstance(file_name, str) else json.dumps(file_name, default=str)
+    shown = shown if len(shown) <= 80 else shown[:80] + "…"
+    problem = None
+    if not isinstance(file_name, str) or not file_name:
+        problem = "is not a file name"
+    elif "\\" in file_name or "\0" in file_name or not file_name.isprintable():
+        problem = "holds a backslash or control character"
+    elif file_name.startswith("/") or PureWindowsPath(file_name).drive or PureWindowsPath(file_name).root:
+        problem = "is an absolute path"
+    elif any(part in ("", ".", "..") for part in file_name.split("/")):
+        problem = "is not a plain relative path (it has an empty, '.' or '..' part)"
+    if problem is not None:
+        raise CorruptCheckpointError(
+            f"{index_name} maps tensor '{tensor}' to shard {shown}, which {problem}; shard names must be files "
+            "inside the checkpoint folder: fix the index or re-download the checkpoint"
+        )
+
+
+def local_file(folder: Path, file_name: str, named_by: str) -> Path:
+    """``folder / file_name`` checked before it is opened: its parent folders (symlinks followed)
+    lie inside ``folder``, and it is an existing regular file (a symlink to one is fine: a hub cache
+    snapshot links every file to ../../blobs/<hash>)."""
+    file = folder / file_name
+    if "/" in file_name:
+        root, parent = folder.resolve(), file.parent.resolve()
+        if parent != root and root not in parent.parents:
+            raise CorruptCheckpointError(
+                f"{named_by} names {file_name}, whose folder leads outside the checkpoint folder (a symlink); "
+                "shards must be files inside the checkpoint folder: fix the index or re-download the checkpoint"
+            )
+    if not file.exists():
+        raise CorruptCheckpointError(f"{named_by} refers to {file_name}, which is missing; re-download it")
+    _check_regular(file, file_name)
+    return file
+
+
+def _check_regular(file: Path, shown: str) -> None:
+    """A FIFO, device or folder where a file belongs is refused before anything opens it (a FIFO
+    would block forever)."""
+    try:
+        mode = file.stat().st_mode
+    except OSError as exc:
+        raise CorruptCheckpointError(f"{shown} cannot be read ({exc.strerror or exc}); re-download the checkpoint") from None
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+        raise CorruptCheckpointError(f"{shown} in the checkpoint is {kind}, not a regular file; replace it with the real file")
 
 
 def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
@@ -213,20 +284,35 @@ def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
 def _pickle_tensors(path: Path) -> dict[str, StoredTensor]:
     index_path = path / PICKLE_INDEX
     if index_path.exists():
-        files = sorted(set(json.loads(index_path.read_text())["weight_map"].values()))
+        files, named_by = sorted(set(_read_weight_map(index_path).values())), PICKLE_INDEX
     else:
-        files = [PICKLE_SINGLE]
+        files, named_by = [PICKLE_SINGLE], "the checkpoint"
+    local = [local_file(path, file_name, named_by) for file_name in files]  # every file checked before any is loaded
     tensors = {}
-    for file_name in files:
-        file = path / file_name
-        if not file.exists():
-            raise CorruptCheckpointError(f"{PICKLE_INDEX} refers to {file_name}, which is missing; re-download it")
-        for name, tensor in _load_pickle(file).items():
+    for file in local:
+        state = _load_pickle(file)
+        if not isinstance(state, dict) or not all(isinstance(name, str) and isinstance(t, torch.Tensor) for name, t in state.items()):
+            raise CorruptCheckpointError(f"{file.name} does not hold a state dict (tensor names -> tensors); re-download it")
+        for name, tensor in state.items():
+            if tensor.dtype not in DTYPE_NAMES:
+                raise CorruptCheckpointError(
+                    f"{file.name}: tensor '{name}' is stored as {str(tensor.dtype).removeprefix('torch.')}, which prenorm-convert "
+                    "does not read; convert float16/bfloat16/float32 weights"
+                )
             tensors[name] = StoredTensor(name, DTYPE_NAMES[tensor.dtype], tuple(tensor.shape), file)
     return tensors
 
 
 # -- output folder --------------------------------------------------------------------------
+
+
+def check_path_encoding(path: str | os.PathLike, what: str) -> None:
+    """Paths must be valid UTF-8: safetensors and transformers cannot open any other (a bad input, exit 2)."""
+    try:
+        os.fspath(Path(path).absolute()).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+        raise BadInputError(f"{what} '{shown}' is not a valid UTF-8 path, which safetensors cannot open; rename it") from None
 
 
 def check_output_location(src: Path, out: Path) -> None:
@@ -245,8 +331,57 @@ def check_output_location(src: Path, out: Path) -> None:
         raise BadInputError(f"OUT '{out}' is inside SRC '{src}'; write the converted checkpoint outside the original's folder")
 
 
+OWNER_FILE = ".prenorm-owner.json"  # in a staging folder while it is written: which process owns it
+_UNOWNED_GRACE_SECONDS = 60  # a staging folder without an owner file is a just-made one, or stale after this
+
+
+def _process_start(pid: int) -> str | None:
+    """When process ``pid`` started (Linux clock ticks), to tell it from a later process with the same pid."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _claim(staging: Path) -> None:
+    owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": _process_start(os.getpid())}
+    (staging / OWNER_FILE).write_text(json.dumps(owner))
+
+
+def _owner_alive(folder: Path) -> bool | None:
+    """True: a live process owns the staging folder; False: nobody does (stale); None: cannot tell (another host)."""
+    try:
+        owner = json.loads((folder / OWNER_FILE).read_text())
+        pid, host, started = int(owner["pid"]), owner["host"], owner.get("started")
+    except FileNotFoundError:
+        age = time.time() - folder.stat().st_mtime
+        return age < _UNOWNED_GRACE_SECONDS
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # an owner file we cannot read was not written by a run that is still going
+    if host != socket.gethostname():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, another user's
+    return started is None or _process_start(pid) in (None, started)
+
+
+def remove_stale_partials(out: Path) -> list[Path]:
+    """Remove the staging folders of OUT that interrupted runs (kill -9, power loss) left behind and no
+    live process owns; returns them. Folders owned on another host are left alone."""
+    removed = []
+    for folder in sorted(out.parent.glob(f".{glob.escape(out.name)}.partial-*")):
+        if folder.is_dir() and not folder.is_symlink() and _owner_alive(folder) is False:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
 @contextmanager
-def atomic_output_dir(out: Path, overwrite: bool) -> Iterator[Path]:
+def atomic_output_dir(out: Path, overwrite: bool, on_stale: Callable[[Path], None] | None = None) -> Iterator[Path]:
     """Yield a temporary sibling of OUT; on success it replaces OUT, on any failure it vanishes.
 
     An existing OUT is untouched unless everything succeeded and overwrite was asked for; an OUT
@@ -255,17 +390,22 @@ def atomic_output_dir(out: Path, overwrite: bool) -> Iterator[Path]:
     """
     out = Path(out).absolute()
     if out.exists() and not overwrite:
-        raise BadInputError(f"'{out}' already exists; pass --overwrite to replace it, or choose another output folder")
+        raise BadInputError(f"'{out}' already exists; pass {option('--overwrite')} to replace it, or choose another output folder")
     if out.exists() and not out.is_dir():
         raise BadInputError(f"'{out}' exists and is not a folder; remove it or choose another output folder")
     if not out.parent.exists():
         raise BadInputError(f"the parent folder of '{out}' does not exist; create it first")
+    for stale in remove_stale_partials(out):
+        if on_stale is not None:
+            on_stale(stale)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
+        _claim(staging)
         os.chmod(staging, 0o777 & ~_umask())
         yield staging
         if out.exists() and not overwrite:
-            raise BadInputError(f"'{out}' appeared while converting; it was left as it is (pass --overwrite to replace it)")
+            raise BadInputError(f"'{out}' appeared while converting; it was left as it is (pass {option('--overwrite')} to replace it)")
+        (staging / OWNER_FILE).unlink()
         _replace_folder(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

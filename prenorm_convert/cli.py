@@ -14,9 +14,28 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
-from .errors import PrenormError
+from . import jsonout
+from .errors import SPELL_FOR_CLI, PrenormError
 
+def _flags_show_no_type() -> None:
+    """typer's rich help prints a `<bool>` type beside every flag (--fold-affine, --help, ...), which reads
+    as if the flag took a value; flags take none, so their type column stays empty."""
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+    if getattr(shown, "flags_show_no_type", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if self.is_flag else shown(self, ctx)
+
+    display_type_rich.flags_show_no_type = True
+    TyperOption.display_type_rich = display_type_rich
+
+
+_flags_show_no_type()
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -28,7 +47,7 @@ app = typer.Typer(
 stdout = Console()
 stderr = Console(stderr=True)
 
-EXIT_OK, EXIT_VERIFY_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_VERIFY_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL_ERROR = 0, 1, 2, 3
 
 
 class Terminated(BaseException):
@@ -49,6 +68,7 @@ def _run(action: Callable[[], int | None]) -> None:
 
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    spelling = SPELL_FOR_CLI.set(True)
     try:
         code = action() or EXIT_OK
     except VerificationFailed as exc:
@@ -67,10 +87,41 @@ def _run(action: Callable[[], int | None]) -> None:
     except Terminated:
         stderr.print("[red]terminated[/red]: nothing was written")
         raise typer.Exit(143)
+    except (typer.Exit, typer.Abort):
+        raise
+    except Exception as exc:  # a bug, not the input: its own exit code, never 1 ("does not match")
+        _error_line(
+            f"internal error ({type(exc).__name__}: {_first_line(exc)}); nothing was written. This is a bug in "
+            f"prenorm-convert: please report it with the full traceback, saved to {_save_traceback()}"
+        )
+        raise typer.Exit(EXIT_INTERNAL_ERROR)
     finally:
+        SPELL_FOR_CLI.reset(spelling)
         if main_thread:  # None: a handler installed outside Python, which SIG_DFL stands for
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
     raise typer.Exit(code)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0][:200] if lines else "no message"
+
+
+def _save_traceback() -> str:
+    """Write the current exception's traceback to a file of its own; its path, for the message."""
+    import tempfile
+    import traceback
+
+    text = "prenorm-convert " + shlex.join(_masked_arguments()) + "\n\n" + traceback.format_exc()
+    try:
+        with tempfile.NamedTemporaryFile(
+            "w", prefix="prenorm-convert-traceback-", suffix=".txt", delete=False, encoding="utf-8", errors="backslashreplace"
+        ) as handle:
+            handle.write(text)
+        return handle.name
+    except OSError:  # no writable temporary folder: the traceback goes to stderr instead
+        sys.stderr.write(text.encode("utf-8", "backslashreplace").decode("utf-8"))
+        return "stderr (above)"
 
 
 def _check_json_path(json_path: Path | None) -> None:
@@ -100,14 +151,14 @@ def _tolerances(max_abs_logit_diff, max_kl, min_top1, greedy_tokens):
 def print_report(report: dict, title: str) -> None:
     from .card import report_rows
 
-    table = Table(title=title, show_header=True)
+    table = Table(title=Text(title), show_header=True)
     table.add_column("metric")
     table.add_column("value", justify="right")
     for label, value in report_rows(report):
         style = None
         if label == "passed":
             style = "green" if report["passed"] else "red"
-        table.add_row(label, value, style=style)
+        table.add_row(Text(label), Text(value), style=style)
     stderr.print(table)
 
 
@@ -117,7 +168,7 @@ def _write_json(path: Optional[Path], data: dict, written: Optional[Path] = None
 
     if path is None:
         return
-    text = json.dumps(data, indent=2) + "\n"
+    text = jsonout.dumps(data)
     if str(path) == "-":
         sys.stdout.write(text)
         return
@@ -130,7 +181,7 @@ def _write_json(path: Optional[Path], data: dict, written: Optional[Path] = None
 
 # -- commands ---------------------------------------------------------------------------------
 
-QuietOption = typer.Option(False, "--quiet", "-q", help="No progress display.")
+QuietOption = typer.Option(False, "--quiet", "-q", help="No progress display (results and errors are still printed).")
 ToleranceHelp = "Defaults depend on the dtype (see docs/report.md)."
 RevisionOption = typer.Option(None, "--revision", help="Hub source only: branch, tag or commit hash (default: main).")
 PadToOption = typer.Option(
@@ -149,6 +200,11 @@ def _command_line() -> str | None:
     """The exact command, for the model card, with secrets masked (None when not run as prenorm-convert)."""
     if not (sys.argv and sys.argv[0].endswith("prenorm-convert")):
         return None
+    return "prenorm-convert " + shlex.join(_masked_arguments())
+
+
+def _masked_arguments() -> list[str]:
+    """sys.argv[1:] with the values of SECRET_OPTIONS replaced by ***."""
     words, hide_next = [], False
     for word in sys.argv[1:]:
         if hide_next:
@@ -161,15 +217,14 @@ def _command_line() -> str | None:
             words.append(word.split("=", 1)[0] + "=***")
         else:
             words.append(word)
-    return "prenorm-convert " + shlex.join(words)
+    return words
 
 
 def _push(folder: Path, repo_id: str, private: bool, token: Optional[str], force: bool, quiet: bool) -> None:
     from .hub import push as run_push
 
     result = run_push(folder, repo_id, private=private, token=token, force=force, reporter=_reporter(quiet))
-    if not quiet:
-        stderr.print(f"[green]pushed[/green] {folder} to {result.url} (commit {result.commit})", highlight=False)
+    stderr.print(f"[green]pushed[/green] {escape(str(folder))} to {escape(result.url)} (commit {result.commit})", highlight=False)
 
 
 @app.command()
@@ -240,16 +295,13 @@ def convert(
             )
         except VerificationFailed as failure:
             if failure.report is not None:
-                if not quiet:
-                    print_report(failure.report, f"{src} -> {out}")
+                print_report(failure.report, f"{src} -> {out}")
                 _write_json(json_path, failure.report, written=failure.written)
             raise
         if result.report is not None:
-            if not quiet:
-                print_report(result.report, f"{src} -> {out}")
+            print_report(result.report, f"{src} -> {out}")
             _write_json(json_path, result.report, written=out)
-        if not quiet:
-            stderr.print(f"[green]wrote[/green] {out}")
+        stderr.print(f"[green]wrote[/green] {escape(str(out))}", highlight=False)
         if push_to_hub is not None:
             try:
                 _push(out, push_to_hub, private, token, force=False, quiet=quiet)
@@ -298,8 +350,7 @@ def verify(
             allow_pickle=allow_pickle,
             reporter=_reporter(quiet),
         )
-        if not quiet:
-            print_report(report, f"{original} vs {converted}")
+        print_report(report, f"{original} vs {converted}")
         _write_json(json_path, report)
         if not report["passed"]:
             _error_line(failure_message(report))
@@ -313,9 +364,9 @@ def verify(
 def inspect_command(
     src: str = typer.Argument(..., help="Checkpoint folder, or a hub id (org/name)."),
     target: str = typer.Option("rmsnorm", help="rmsnorm or crmsnorm."),
-    fold_affine: bool = typer.Option(False, "--fold-affine"),
+    fold_affine: bool = typer.Option(False, "--fold-affine", help="Plan the weightless variant (γ, β folded into the readers)."),
     pad_to: Optional[int] = PadToOption,
-    dtype: str = typer.Option("auto"),
+    dtype: str = typer.Option("auto", help="auto (keep the stored dtype), float32, float16 or bfloat16."),
     allow_pickle: bool = AllowPickleOption,
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON on stdout."),
     revision: Optional[str] = RevisionOption,
@@ -336,25 +387,25 @@ def inspect_command(
             src, target=target, fold_affine=fold_affine, dtype=dtype, allow_pickle=allow_pickle, revision=revision, token=token, pad_to=pad_to
         )
         if as_json:
-            sys.stdout.write(json.dumps(info, indent=2) + "\n")
+            sys.stdout.write(jsonout.dumps(info))
             return
-        table = Table(title=f"{src}: {info['family']} ({info['model_type']})", show_header=False)
+        table = Table(title=Text(f"{src}: {info['family']} ({info['model_type']})"), show_header=False)
         for key in ("hidden_size", "residual_width", "num_layers", "stored_dtype", "output_dtype", "target", "fold_affine", "untie_head"):
-            table.add_row(key.replace("_", " "), str(info[key]))
+            table.add_row(key.replace("_", " "), Text(str(info[key])))
         table.add_row("tensors in / out", f"{info['tensors_in']} / {info['tensors_out']}")
         table.add_row("parameters", f"{info['params_original']:,} -> {info['params_converted']:,}")
         table.add_row("size", f"{info['input_bytes'] / 1e6:,.1f} MB -> {info['output_bytes'] / 1e6:,.1f} MB")
         table.add_row("norms replaced", str(info["norms_replaced"]))
         for change, count in info["changes"].items():
-            table.add_row("change", f"{count} × {change}")
+            table.add_row("change", Text(f"{count} × {change}"))
         if info["biases_added"]:
-            table.add_row("biases added", ", ".join(info["biases_added"]))
+            table.add_row("biases added", Text(", ".join(info["biases_added"])))
         if info["modules_removed"]:
-            table.add_row("modules removed", ", ".join(info["modules_removed"]))
+            table.add_row("modules removed", Text(", ".join(info["modules_removed"])))
         if info["dropped"]:
-            table.add_row("dropped (not weights)", f"{len(info['dropped'])} tensors, e.g. {info['dropped'][0]}")
+            table.add_row("dropped (not weights)", Text(f"{len(info['dropped'])} tensors, e.g. {info['dropped'][0]}"))
         for note in info["notes"]:
-            table.add_row("note", note)
+            table.add_row("note", Text(note))
         stdout.print(table)
 
     _run(body)
@@ -374,7 +425,7 @@ def families(as_json: bool = typer.Option(False, "--json", help="Print machine-r
         rows = list_families()
         refused = not_convertible()
         if as_json:
-            sys.stdout.write(json.dumps({"families": rows, "not_convertible": refused}, indent=2) + "\n")
+            sys.stdout.write(jsonout.dumps({"families": rows, "not_convertible": refused}))
             return
         table = Table(title="supported families")
         for column in ("family", "model types", "architectures", "refuses"):
@@ -393,33 +444,38 @@ def families(as_json: bool = typer.Option(False, "--json", help="Print machine-r
 
 @app.command()
 def demo(
-    workdir: Path = typer.Option(Path("prenorm-demo"), help="Where the example checkpoints are written."),
+    workdir: Path = typer.Option(
+        Path("prenorm-demo"), help="Folder for the example checkpoints: new, empty, or made by an earlier demo (nothing else in it is touched)."
+    ),
     target: str = typer.Option("rmsnorm", help="rmsnorm or crmsnorm."),
-    fold_affine: bool = typer.Option(False, "--fold-affine"),
+    fold_affine: bool = typer.Option(False, "--fold-affine", help="Fold γ, β into the readers: weightless RMSNorm."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the report here ('-' for stdout)."),
     quiet: bool = QuietOption,
 ):
     """Build a small GPT-2-shaped checkpoint locally (no download), convert it, verify it, print the report.
 
-    Example:  [bold]prenorm-convert demo --fold-affine[/bold]
+    Writes WORKDIR/original and WORKDIR/converted; WORKDIR is git-ignored, and an earlier demo's output in it is replaced.
+
+    Example:  [bold]prenorm-convert demo --fold-affine --workdir /tmp/prenorm-demo[/bold]
     """
 
     def body():
         from .conversion import convert as run_convert
-        from .examples import build_checkpoint
+        from .examples import build_checkpoint, prepare_demo_folder
 
+        _check_json_path(json_path)
         reporter = _reporter(quiet)
-        original = workdir / "original"
-        converted = workdir / "converted"
+        original, converted = prepare_demo_folder(workdir)
         with reporter.step(f"building an example GPT-2 checkpoint in {original}"):
-            if original.exists():
-                import shutil
-
-                shutil.rmtree(original)
             build_checkpoint(original, "gpt2", overrides={"n_layer": 4, "n_embd": 128})
-        result = run_convert(original, converted, target=target, fold_affine=fold_affine, overwrite=True, reporter=reporter)
-        if not quiet:
-            print_report(result.report, f"{original} -> {converted}")
-        sys.stdout.write(json.dumps(result.report, indent=2) + "\n")  # not through rich: no wrapping, no markup
+        result = run_convert(original, converted, target=target, fold_affine=fold_affine, reporter=reporter)
+        print_report(result.report, f"{original} -> {converted}")
+        _write_json(json_path, result.report, written=converted)
+        stderr.print(
+            f"[green]wrote[/green] {escape(str(converted))}, converted from {escape(str(original))}; load it with "
+            f"prenorm_convert.load_converted('{escape(str(converted))}')",
+            highlight=False,
+        )
 
     _run(body)
 
@@ -461,7 +517,7 @@ def _int_list(text: str, option: str) -> tuple[int, ...]:
 
 
 def print_bench(result: dict) -> None:
-    table = Table(title=f"{result['converted']} vs {result['original']} ({result['device']}, {result['dtype']}, {result['threads']} threads)")
+    table = Table(title=Text(f"{result['converted']} vs {result['original']} ({result['device']}, {result['dtype']}, {result['threads']} threads)"))
     for column in ("measurement", "original", "converted", "norm-free", "converted / original", "norm-free / original"):
         table.add_column(column, justify="right")
 
@@ -523,8 +579,7 @@ def bench(
             train=train,
         )
         result = benchmark(original, converted, device=device, dtype=dtype, threads=threads, settings=settings, reporter=_reporter(quiet))
-        if not quiet:
-            print_bench(result)
+        print_bench(result)
         _write_json(json_path, result)
 
     _run(body)

@@ -13,10 +13,10 @@ from typing import Iterator
 
 import torch
 
-from . import __version__
+from . import __version__, jsonout
 from .card import write_model_card
-from .checkpoint import SourceCheckpoint, atomic_output_dir, check_output_location
-from .errors import BadInputError, VerificationFailed
+from .checkpoint import SourceCheckpoint, atomic_output_dir, check_output_location, check_path_encoding
+from .errors import BadInputError, VerificationFailed, option
 from .hub import resolve_source
 from .plan import ConversionPlan, make_plan, parse_dtype
 from .progress import SILENT, Reporter
@@ -48,7 +48,7 @@ def parse_size(text: str | int) -> int:
     unit = stripped[len(number):]
     try:
         value = int(float(number) * units[unit])
-    except (ValueError, KeyError):
+    except (ValueError, KeyError, OverflowError):  # OverflowError: inf
         raise BadInputError(f"--max-shard-size must look like 5GB, 500MB or 2GiB, got '{text}'") from None
     if value <= 0:
         raise BadInputError(f"--max-shard-size must be positive, got '{text}'")
@@ -205,14 +205,16 @@ def convert(
     unless that would replace an existing OUT) when the converted model does not match; any other
     error leaves nothing behind."""
     out = Path(out)
+    check_path_encoding(out, "OUT")
     out_dtype = parse_dtype(dtype)
     max_shard_bytes = parse_size(max_shard_size)
     if out.exists() and not overwrite:
-        raise BadInputError(f"'{out}' already exists; pass --overwrite to replace it, or choose another output folder")
+        raise BadInputError(f"'{out}' already exists; pass {option('--overwrite')} to replace it, or choose another output folder")
     if verify_output and prompts_file is not None:
         read_prompt_lines(prompts_file)  # a bad --prompts file fails now, not after the rewrite
     # SRC may be a hub id: download what the conversion reads (nothing is written to OUT before this succeeds)
     resolved = resolve_source(src, revision=revision, token=token, allow_pickle=allow_pickle, reporter=reporter)
+    check_path_encoding(resolved.path, "SRC")
     check_output_location(resolved.path, out)
     source = SourceCheckpoint.open(resolved.path, allow_pickle=allow_pickle)
     if verify_output:
@@ -221,7 +223,10 @@ def convert(
     with reporter.step(f"planning the {target} conversion of a {spec.family} checkpoint"):
         plan = make_plan(source, spec, target=target, fold_affine=fold_affine, dtype=out_dtype, pad_to=pad_to)
     report = None
-    with atomic_output_dir(out, overwrite) as staging:
+    def mention_stale(folder: Path) -> None:
+        reporter.warn(f"removed {folder}, left behind by an interrupted conversion into '{out}' that no running process owns")
+
+    with atomic_output_dir(out, overwrite, on_stale=mention_stale) as staging:
         write_weights(source, plan, staging, max_shard_bytes, reporter)
         source.close()
         config = converted_config(source, plan, resolved.name, resolved.revision)
@@ -236,7 +241,7 @@ def convert(
                     "(convert into a new folder to keep a failing result)",
                     report,
                 )
-            (staging / "conversion_report.json").write_text(json.dumps(report, indent=2) + "\n")
+            (staging / "conversion_report.json").write_text(jsonout.dumps(report))
         write_model_card(staging, config, plan, report, command)
     result = ConversionResult(out, plan, report)
     if report is not None and not report["passed"]:

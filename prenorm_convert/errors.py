@@ -2,7 +2,25 @@
 
 from __future__ import annotations
 
+import contextvars
 from pathlib import Path
+
+# messages name options as the caller spells them: `--allow-pickle` on the command line,
+# `allow_pickle=True` in Python (the CLI sets this while it runs a command)
+SPELL_FOR_CLI = contextvars.ContextVar("prenorm_spell_for_cli", default=False)
+# CLI options whose Python spelling is not the flag's name with '_' for '-' (=True for a flag)
+_PYTHON_SPELLING = {"--no-verify": "verify_output=False", "--prompts": "prompts_file=..."}
+_VALUED = {"--revision", "--token", "--dtype", "--target", "--greedy-tokens", "--pad-to", "--max-shard-size"}
+
+
+def option(cli_flag: str) -> str:
+    """``cli_flag`` as the caller spells it: e.g. '--overwrite' (CLI) or 'overwrite=True' (Python)."""
+    if SPELL_FOR_CLI.get():
+        return cli_flag
+    if cli_flag in _PYTHON_SPELLING:
+        return _PYTHON_SPELLING[cli_flag]
+    name = cli_flag.removeprefix("--").replace("-", "_")
+    return f"{name}=..." if cli_flag in _VALUED else f"{name}=True"
 
 
 class PrenormError(Exception):

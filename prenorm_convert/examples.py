@@ -7,11 +7,18 @@ parameter is perturbed: γ far from 1, β, linear biases and embedding row means
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from .errors import BadInputError
+
+# a folder holding this file was made by `prenorm-convert demo`, which may then replace its outputs
+DEMO_MARKER = ".prenorm-demo"
+DEMO_OUTPUTS = ("original", "converted")
 
 TRAINING_TEXT = """
 The quick brown fox jumps over the lazy dog. Pre-LayerNorm transformers normalise every branch input.
@@ -113,3 +120,28 @@ def strip_prefix(folder: str | Path, prefix: str, extra: dict[str, torch.Tensor]
         index = json.loads(index_path.read_text())
         index["weight_map"] = weight_map
         index_path.write_text(json.dumps(index, indent=2))
+
+
+def prepare_demo_folder(workdir: str | Path) -> tuple[Path, Path]:
+    """(original, converted) inside ``workdir``, ready to be written: a new or empty folder is claimed
+    for the demo (a marker file, and a .gitignore so it never shows up in a repository); a folder an
+    earlier demo made has its two outputs removed, and nothing else; any other folder is refused."""
+    workdir = Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise BadInputError(f"--workdir '{workdir}' is a file; give a folder that is new, empty, or made by an earlier demo")
+    if workdir.exists() and any(workdir.iterdir()) and not (workdir / DEMO_MARKER).is_file():
+        raise BadInputError(
+            f"--workdir '{workdir}' already holds files that `prenorm-convert demo` did not create, and the demo "
+            "replaces what is in it; choose a new or empty folder (e.g. --workdir prenorm-demo-2)"
+        )
+    if not workdir.parent.is_dir():
+        raise BadInputError(f"the parent folder of --workdir '{workdir}' does not exist; create it first")
+    workdir.mkdir(exist_ok=True)
+    (workdir / DEMO_MARKER).write_text("made by `prenorm-convert demo`, which replaces original/ and converted/ here\n")
+    (workdir / ".gitignore").write_text("# made by `prenorm-convert demo`\n*\n")
+    for name in DEMO_OUTPUTS:
+        if (workdir / name).is_dir() and not (workdir / name).is_symlink():
+            shutil.rmtree(workdir / name)
+        elif (workdir / name).exists() or (workdir / name).is_symlink():
+            (workdir / name).unlink()
+    return workdir / "original", workdir / "converted"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from .checkpoint import SourceCheckpoint
+from .checkpoint import SourceCheckpoint, check_path_encoding
 from .hub import resolve_source
 from .plan import make_plan, parse_dtype
 from .spec import load_not_convertible, load_specs, match_spec
@@ -38,6 +38,7 @@ def describe(
 ) -> dict:
     # a hub id: config, index and safetensors headers, and the few tensors the plan reads (β)
     resolved = resolve_source(src, revision=revision, token=token, allow_pickle=allow_pickle, headers_only=True)
+    check_path_encoding(resolved.path, "SRC")
     source = SourceCheckpoint.open(resolved.path, allow_pickle=allow_pickle, shards=resolved.shards)
     spec = match_spec(source.config)
     plan = make_plan(source, spec, target=target, fold_affine=fold_affine, dtype=parse_dtype(dtype), pad_to=pad_to)

@@ -249,7 +249,12 @@ def _make_model_class(base_name: str, stock_config: bool) -> type:
     # for folders whose model_type is prenorm_* because they must not load without this code.
     name = (STOCK_PREFIX if stock_config else PREFIX) + base_name
     config_class = base.config_class if stock_config else prenorm_class(PREFIX + base.config_class.__name__)
-    return type(name, (base,), {"__init__": __init__, "__module__": __name__, "config_class": config_class})
+    model_class = type(name, (base,), {"__init__": __init__, "__module__": __name__, "config_class": config_class})
+    if stock_config:
+        # a stock config's model keeps the stock class name: pipeline() accepts a model by its class
+        # name, and save_pretrained records it (architectures, auto_map), which prenorm_class resolves
+        model_class.__name__ = model_class.__qualname__ = base_name
+    return model_class
 
 
 _CLASSES: dict[str, type] = {}
@@ -257,6 +262,8 @@ _CLASSES: dict[str, type] = {}
 
 def prenorm_class(name: str) -> type:
     """``PrenormXConfig``, ``PrenormXModel`` or ``PrenormStockXModel`` for a stock transformers class X."""
+    if not name.startswith(PREFIX) and hasattr(transformers, name) and not name.endswith("Config"):
+        name = STOCK_PREFIX + name  # the name a stock-config model class is saved under
     if name not in _CLASSES:
         stock_config = name.startswith(STOCK_PREFIX)
         base_name = name[len(STOCK_PREFIX if stock_config else PREFIX):]

@@ -8,19 +8,28 @@ model tree is checked against the spec before anything is planned.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .checkpoint import SourceCheckpoint
-from .errors import BadInputError, CorruptCheckpointError, SpecError, UnsupportedModelError
+from .errors import BadInputError, CorruptCheckpointError, SpecError, UnsupportedModelError, option
 from .row_blocks import DEFAULT_BLOCK_BYTES
 from .safetensors_io import DTYPES, element_size
 from .spec import FamilySpec, expand, expand_group
 from .transform import STEPS
 
 TARGETS = ("rmsnorm", "crmsnorm")
+# stored dtypes of parameters a conversion accepts (safetensors names): the rewrite runs in float64
+# and rounds once into one of these; integer and float8 weights are quantized and refused
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+QUANT_CONFIG_KEYS = ("quantization_config", "compression_config")
+DEQUANTIZE = (
+    "dequantize it to float16/bfloat16/float32 first (e.g. load it with transformers, call model.dequantize() "
+    "where its quantization method has one, and save_pretrained the result), or convert the unquantized original"
+)
 # stem-norm hooks a spec may name (MATH.md "norm on the main branch itself")
 STEM_HOOKS = {"bake_layernorm"}
 
@@ -100,6 +109,34 @@ def _numel(shape) -> int:
     for dim in shape:
         numel *= dim
     return numel
+
+
+def check_not_quantized(config: dict) -> None:
+    """A config.json that declares quantized weights (GPTQ, AWQ, bitsandbytes, fp8, compressed-tensors,
+    ...) is refused before anything is read: those weights are not the float matrices the rewrite
+    is exact for."""
+    for key in QUANT_CONFIG_KEYS:
+        block = config.get(key)
+        if block is None:
+            continue
+        method = block.get("quant_method") or block.get("format") if isinstance(block, dict) else None
+        if method is None and isinstance(block, dict) and (block.get("load_in_8bit") or block.get("load_in_4bit")):
+            method = "bitsandbytes"
+        method = " ".join(str(method or "unknown").split())[:40]
+        raise UnsupportedModelError(
+            f"config.json has a {key} block (quant_method {method}): the checkpoint is quantized, and "
+            f"prenorm-convert rewrites float16/bfloat16/float32/float64 weights only; {DEQUANTIZE}"
+        )
+
+
+def _dtype_option(value: str) -> str:
+    """--dtype VALUE as the caller spells it (the CLI's flag, or the Python keyword)."""
+    return f"--dtype {value}" if option("--dtype").startswith("--") else f"dtype='{value}'"
+
+
+def _dtype_word(name: str) -> str:
+    """'I8' -> 'int8 (I8)': the torch name a user knows, and the safetensors one the file has."""
+    return f"{str(DTYPES[name]).removeprefix('torch.')} ({name})" if name in DTYPES else name
 
 
 def parse_dtype(name: str) -> torch.dtype | None:
@@ -224,6 +261,7 @@ class _Planner:
         self.source, self.spec, self.target = source, spec, target
         self.fold = fold_affine or target == "crmsnorm"
         self.dtype = dtype
+        check_not_quantized(source.config)
         model = build_meta_model(source.config)
         self.model = model
         # sizes and spec conditions read the parsed config: defaults filled in, legacy names
@@ -234,9 +272,15 @@ class _Planner:
         self.L = spec.num_layers(settings)
         # crmsnorm: d-1 features, stored zero-padded to a multiple of --pad-to if asked
         self.stream_width = -(-(self.d - 1) // (pad_to or 1)) * (pad_to or 1)
+        if pad_to is not None and pad_to > self.d:
+            raise BadInputError(
+                f"--pad-to {pad_to} is larger than the hidden size {self.d}: the {self.d - 1} features would be stored "
+                f"{self.stream_width} wide, wider than the original stream; pick a multiple of at most {self.d}, such as 8 or 64"
+            )
         check_structure(model, spec, self.d, self.L)
         self.params = dict(model.named_parameters(remove_duplicate=False))
         self.stored = self._map_stored_keys()
+        self._check_dtypes()
         self._check_shapes()
         self._read_table_from_a_head_stored_alone()
         self.ops: list[TensorOp] = []
@@ -258,11 +302,39 @@ class _Planner:
             elif canonical not in ignored:
                 unknown.append(stored)
         if unknown:
+            quantized = sorted({self.source.tensors[key].dtype for key in unknown} - set(FLOAT_DTYPES))
+            hint = (
+                f" (some are stored as {', '.join(quantized)}: a quantized checkpoint? {DEQUANTIZE})" if quantized else ""
+            )
             raise UnsupportedModelError(
                 f"the checkpoint holds tensor(s) {unknown[:3]}{' …' if len(unknown) > 3 else ''} that a "
-                f"{self.spec.family} model built from its config.json does not have; config and weights disagree"
+                f"{self.spec.family} model built from its config.json does not have; config and weights disagree{hint}"
             )
         return mapping
+
+    def _check_dtypes(self) -> None:
+        """Every tensor planned as a parameter (read, rewritten or copied) is floating point of a
+        dtype the float64 rewrite can round back into; buffers the plan drops (GPT-2's bool attn.bias
+        masks) are not parameters and are not looked at. With --dtype auto (keep the stored dtype),
+        the parameters must share one dtype: a converted checkpoint has one."""
+        params = [self.source.tensors[key] for key in self.stored.values()]
+        odd = [info for info in params if info.dtype not in FLOAT_DTYPES]
+        if odd:
+            first = odd[0]
+            more = f" (and {len(odd) - 1} more)" if len(odd) > 1 else ""
+            raise UnsupportedModelError(
+                f"tensor '{first.name}'{more} is stored as {_dtype_word(first.dtype)}, and prenorm-convert rewrites "
+                f"float16/bfloat16/float32/float64 weights only (integer and float8 weights are quantized: rewriting them "
+                f"would round the result to garbage); {DEQUANTIZE}"
+            )
+        counts = Counter(info.dtype for info in params)
+        if self.dtype is None and len(counts) > 1:
+            listed = ", ".join(f"{_dtype_word(name)}: {count}" for name, count in counts.most_common())
+            raise BadInputError(
+                f"the checkpoint stores its parameters in more than one dtype ({listed} tensors), and --dtype auto keeps "
+                f"the stored dtype, which must then be one; pass {_dtype_option('float32')} (exact: every tensor widened), "
+                f"or {_dtype_option('bfloat16')} / {_dtype_option('float16')} to store every tensor in that dtype"
+            )
 
     def _check_shapes(self) -> None:
         """Every stored tensor has the shape the model built from config.json gives its parameter."""

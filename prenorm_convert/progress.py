@@ -6,6 +6,7 @@ from contextlib import contextmanager
 from typing import Iterable, Iterator, TypeVar
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 T = TypeVar("T")
@@ -22,19 +23,23 @@ class Reporter:
             return
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
         with Progress(*columns, console=self.console, transient=False) as progress:
-            yield from progress.track(items, total=total, description=description)
+            yield from progress.track(items, total=total, description=escape(description))
 
     @contextmanager
     def step(self, message: str) -> Iterator[None]:
         if self.quiet:
             yield
             return
-        with self.console.status(message):
+        with self.console.status(escape(message)):
             yield
-        self.console.print(f"[green]✓[/green] {message}")
+        self.console.print(f"[green]✓[/green] {escape(message)}", highlight=False)
 
     def log(self, message: str) -> None:
-        self.console.print(message)
+        self.console.print(message, markup=False, highlight=False)
+
+    def warn(self, message: str) -> None:
+        """Printed even when quiet: something the user must know about (quiet hides progress only)."""
+        Console(stderr=True).print(f"[yellow]warning:[/yellow] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 SILENT = Reporter(quiet=True)

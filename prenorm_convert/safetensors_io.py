@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -37,7 +38,7 @@ DTYPES: dict[str, torch.dtype] = {
     "F8_E5M2": torch.float8_e5m2,
 }
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
-_MAX_HEADER = 100 * 1024 * 1024
+_MAX_HEADER = 100_000_000  # the safetensors library's limit
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,10 @@ def element_size(dtype: str) -> int:
 def read_header(path: Path) -> dict[str, StoredTensor]:
     """Parse and cross-check one shard's header against the file size; raise on any damage."""
     try:
-        size = path.stat().st_size
+        status = path.stat()
+        if not stat.S_ISREG(status.st_mode):  # a FIFO or device would block or never end: never opened
+            raise _corrupt(path, "it is not a regular file")
+        size = status.st_size
         with open(path, "rb") as handle:
             return read_header_from(handle, path, size)
     except OSError as exc:
@@ -87,45 +91,131 @@ def read_header(path: Path) -> dict[str, StoredTensor]:
 
 def read_header_from(handle, path: Path, size: int) -> dict[str, StoredTensor]:
     """The header of a safetensors file of ``size`` bytes open as ``handle`` (seek, read): a local
-    file, or a hub file read by range requests."""
+    file, or a hub file read by range requests. Checked as strictly as the safetensors library
+    checks it (or more), so that nothing it would refuse is ever read."""
+    handle.seek(0)
+    raw_len = handle.read(8)
+    if len(raw_len) < 8:
+        raise _corrupt(path, "it is truncated (shorter than the 8-byte header length)")
+    (header_len,) = struct.unpack("<Q", raw_len)
+    if header_len == 0 or header_len > _MAX_HEADER or header_len > size - 8:
+        raise _corrupt(path, f"its header length {header_len} does not fit a file of {size} bytes (truncated, or not a safetensors file)")
+    raw = handle.read(header_len)
+    if len(raw) != header_len:
+        raise _corrupt(path, "it is truncated inside its header")
     try:
-        handle.seek(0)
-        raw_len = handle.read(8)
-        if len(raw_len) < 8:
-            raise CorruptCheckpointError(f"{path.name} is truncated (no safetensors header); re-download it")
-        (header_len,) = struct.unpack("<Q", raw_len)
-        if header_len > min(_MAX_HEADER, size - 8):
-            raise CorruptCheckpointError(f"{path.name} is truncated or not a safetensors file (bad header length); re-download it")
-        header = json.loads(handle.read(header_len))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CorruptCheckpointError(f"{path.name} is not a readable safetensors file ({exc}); re-download it") from exc
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys, parse_int=_parse_int, parse_constant=_no_constant)
+    except UnicodeDecodeError as exc:
+        raise _corrupt(path, f"its header is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    except _DuplicateKey as exc:
+        raise _corrupt(path, f"its header names '{_printable(exc.args[0])}' twice") from None
+    except ValueError as exc:
+        raise _corrupt(path, f"its header is not valid JSON ({_printable(str(exc))})") from None
     if not isinstance(header, dict):
-        raise CorruptCheckpointError(f"{path.name} is not a readable safetensors file (its header is not a JSON object); re-download it")
+        raise _corrupt(path, "its header is not a JSON object")
     return parse_header(header, path, 8 + header_len, size - 8 - header_len)
 
 
 def parse_header(header: dict, path: Path, data_start: int, data_size: int) -> dict[str, StoredTensor]:
-    """The tensors a safetensors header describes, each checked (dtype, byte count, within the data)."""
+    """The tensors a safetensors header describes, each checked as the safetensors library checks
+    them: known dtype, shape and offsets of non-negative integers, the byte count the shape and
+    dtype give, and byte ranges that, sorted, tile the data section exactly (no overlap, no gap,
+    nothing past its end or left after it); ``__metadata__``, if any, maps strings to strings."""
     tensors = {}
     for name, info in header.items():
+        if not _is_text(name):
+            raise _corrupt(path, f"its header has a name that is not valid text ({_printable(name)})")
         if name == "__metadata__":
+            if info is not None and not (isinstance(info, dict) and all(_is_text(k) and _is_text(v) for k, v in info.items())):
+                raise _corrupt(path, "its __metadata__ is not a map of strings to strings")
             continue
-        try:
-            dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CorruptCheckpointError(f"{path.name}: malformed header entry for '{name}'; re-download it") from exc
-        if dtype not in DTYPES:
-            raise CorruptCheckpointError(f"{path.name}: tensor '{name}' has unsupported dtype {dtype}")
-        numel = 1
+        shown = _printable(name)
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+            raise _corrupt(path, f"the header entry for '{shown}' is not an object with dtype, shape and data_offsets")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            what = f"dtype {_printable(dtype)}" if isinstance(dtype, str) else "a dtype that is not a string"
+            raise _corrupt(path, f"tensor '{shown}' has {what}, which prenorm-convert does not read (it reads {', '.join(DTYPES)})")
+        if not isinstance(shape, list) or not all(_is_size(dim, _MAX_DIM) for dim in shape):
+            raise _corrupt(path, f"tensor '{shown}' has shape {_printable(shape)}, which is not a list of non-negative integers")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_size(offset, _MAX_SIZE) for offset in offsets):
+            raise _corrupt(path, f"tensor '{shown}' has data_offsets {_printable(offsets)}, which are not two non-negative integers")
+        begin, end = offsets
+        nbytes = element_size(dtype)
         for dim in shape:
-            numel *= dim
-        if end - begin != numel * element_size(dtype) or end > data_size:
-            raise CorruptCheckpointError(
-                f"{path.name} is truncated or corrupt: tensor '{name}' needs bytes {begin}..{end} but the file holds "
-                f"{data_size} data bytes; re-download it"
+            nbytes *= dim
+            if nbytes > _MAX_SIZE:
+                raise _corrupt(path, f"tensor '{shown}' has shape {shape}, whose size overflows")
+        if end < begin or end - begin != nbytes:
+            raise _corrupt(
+                path, f"tensor '{shown}' has data_offsets [{begin}, {end}], but its shape {shape} in {dtype} needs {nbytes} bytes"
             )
-        tensors[name] = StoredTensor(name, dtype, shape, path, data_start + begin, end - begin)
+        if end > data_size:
+            raise _corrupt(path, f"it is truncated: tensor '{shown}' needs bytes {begin}..{end} but the file holds {data_size} data bytes")
+        tensors[name] = StoredTensor(name, dtype, tuple(shape), path, data_start + begin, nbytes)
+    covered = 0
+    for stored in sorted(tensors.values(), key=lambda t: (t.offset, t.offset + t.nbytes)):
+        begin = stored.offset - data_start
+        if begin != covered:
+            problem = "overlaps the tensor before it" if begin < covered else f"leaves a gap of {begin - covered} bytes before it"
+            raise _corrupt(path, f"tensor '{_printable(stored.name)}' (bytes {begin}..{begin + stored.nbytes}) {problem}")
+        covered = begin + stored.nbytes
+    if covered != data_size:
+        raise _corrupt(path, f"its tensors cover {covered} of its {data_size} data bytes; the rest belongs to no tensor")
     return tensors
+
+
+_MAX_SIZE = 2**64 - 1  # the library's usize
+_MAX_DIM = 2**63 - 1  # torch's int64 sizes
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object as a dict, refusing a key given twice (readers disagree on which one counts)."""
+    result = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(key)
+        result[key] = value
+    return result
+
+
+def _parse_int(text: str):
+    # "-0" is a float to the library (no usize); keep it one here so that it is refused as such
+    return -0.0 if text == "-0" else int(text)
+
+
+def _no_constant(text: str):
+    raise ValueError(f"{text} is not JSON")
+
+
+def _is_size(value, limit: int) -> bool:
+    return type(value) is int and 0 <= value <= limit
+
+
+def _is_text(value) -> bool:
+    """A str that is valid UTF-8 (JSON escapes can produce lone surrogates, which the library refuses)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(value, limit: int = 60) -> str:
+    """A header value for an error line: one line, valid text, bounded length."""
+    text = value if isinstance(value, str) else json.dumps(value, default=str)[: limit + 1]
+    text = "".join(char if char.isprintable() else repr(char)[1:-1] for char in text[: limit + 1])
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _corrupt(path: Path, problem: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(f"{path.name} is not a valid safetensors file: {problem}; re-download it")
 
 
 @dataclass(frozen=True)

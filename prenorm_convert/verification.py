@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .errors import BadInputError
+from .digests import folder_digests
+from .jsonout import finite_or_none
 from .progress import SILENT, Reporter
 
 DEFAULT_PROMPTS = (
@@ -33,6 +36,9 @@ RANDOM_PROMPT_LENGTH = 24
 # how much worse than the original's own reduced-precision error the converted model may be
 REDUCED_DTYPE_ERROR_RATIO = 1.5
 REDUCED_DTYPE_TOP1_SLACK = 0.05
+# float32: the bar never drops below this fraction of the logit scale, nor a KL of FLOAT32_KL_FLOOR
+FLOAT32_RELATIVE_FLOOR = 1e-5
+FLOAT32_KL_FLOOR = 1e-6
 
 
 @dataclass
@@ -56,15 +62,20 @@ class Tolerances:
         if self.greedy_tokens < 0:
             raise BadInputError(f"--greedy-tokens must be 0 (no generation compared) or more, got {self.greedy_tokens}")
 
-    def resolve(self, dtype: torch.dtype, logit_scale: float, original_error: dict | None, weights_error: dict | None = None) -> dict:
+    def resolve(
+        self,
+        dtype: torch.dtype,
+        logit_scale: float,
+        original_error: dict | None,
+        weights_error: dict | None = None,
+        float32_error: dict | None = None,
+        near_tie_fraction=None,
+    ) -> dict:
+        """The limits applied (docs/report.md, "Default tolerances"). float32: ``float32_error`` is the
+        original's own float32 run against its float64 self, and ``near_tie_fraction(gap)`` the share
+        of positions whose reference top two logits are within ``gap``."""
         if dtype == torch.float32 or dtype == torch.float64:
-            return {
-                "max_abs_logit_diff": self.max_abs_logit_diff if self.max_abs_logit_diff is not None else 1e-5 * logit_scale,
-                "max_kl": self.max_kl if self.max_kl is not None else 1e-6,
-                "min_top1": self.min_top1 if self.min_top1 is not None else 1.0,
-                "require_greedy_match": True if self.require_greedy_match is None else self.require_greedy_match,
-                "basis": "float32: max |Δlogit| within 1e-5 of the logit scale",
-            }
+            return self._resolve_float32(logit_scale, float32_error, near_tie_fraction)
         assert original_error is not None
         dtype_cost = dtype_cost_of(original_error, weights_error)
         return {
@@ -77,6 +88,31 @@ class Tolerances:
             "basis": f"{_dtype_name(dtype)}: no more than {REDUCED_DTYPE_ERROR_RATIO}x what the dtype costs: the original "
             f"model's own {_dtype_name(dtype)} error against its float32 self, plus what rounding the rewritten tensors "
             f"to {_dtype_name(dtype)} costs (rounded_weights)",
+        }
+
+    def _resolve_float32(self, logit_scale: float, float32_error: dict | None, near_tie_fraction) -> dict:
+        # two float32 models each carry about the original's own float32 rounding error, which grows
+        # with the prompts compared: the bar is their sum with the reduced-dtype margin, and never
+        # below FLOAT32_RELATIVE_FLOOR x the logit scale (docs/report.md, "Default tolerances")
+        own_abs = _finite_or_zero(float32_error["max_abs_logit_diff"]) if float32_error else 0.0
+        own_kl = _finite_or_zero(float32_error["max_kl_divergence"]) if float32_error else 0.0
+        max_abs = self.max_abs_logit_diff
+        if max_abs is None:
+            max_abs = max(FLOAT32_RELATIVE_FLOOR * logit_scale, REDUCED_DTYPE_ERROR_RATIO * 2 * own_abs)
+        min_top1 = self.min_top1
+        if min_top1 is None:
+            # logits that all move by at most max_abs can swap the top token only where the top two
+            # were within 2 x max_abs: those positions may disagree, no other
+            min_top1 = 1.0 - (near_tie_fraction(2 * max_abs) if near_tie_fraction is not None else 0.0)
+        return {
+            "max_abs_logit_diff": max_abs,
+            "max_kl": self.max_kl if self.max_kl is not None else max(FLOAT32_KL_FLOOR, REDUCED_DTYPE_ERROR_RATIO * 4 * own_kl),
+            "min_top1": min_top1,
+            "require_greedy_match": True if self.require_greedy_match is None else self.require_greedy_match,
+            "basis": f"float32: max |Δlogit| within the larger of {FLOAT32_RELATIVE_FLOOR:g} of the logit scale and "
+            f"{REDUCED_DTYPE_ERROR_RATIO}x the float32 error of two models, each the original's own against its "
+            "float64 self (original_float32_error); the top token may differ only where the reference's top two "
+            "logits are closer than twice that",
         }
 
 
@@ -92,6 +128,10 @@ def dtype_cost_of(original_error: dict, weights_error: dict | None) -> dict:
         "max_kl_divergence": (original_error["max_kl_divergence"] ** 0.5 + weights_error["max_kl_divergence"] ** 0.5) ** 2,
         "top1_agreement": original_error["top1_agreement"] + weights_error["top1_agreement"] - 1,
     }
+
+
+def _finite_or_zero(value: float) -> float:
+    return value if math.isfinite(value) else 0.0
 
 
 def failure_message(report: dict) -> str:
@@ -328,7 +368,7 @@ def greedy(model, prompt: torch.Tensor, new_tokens: int, pad_token_id: int) -> t
 def residual_mean_max(model, prompts: list[torch.Tensor]) -> float:
     """Largest |mean(x)| / rms(x) over every token entering a converted norm (the residual stream)."""
     block = model.config.prenorm
-    worst = [0.0]
+    worst = [0.0]  # one entry per norm call
 
     def hook(_module, args):
         stream = args[0]
@@ -346,7 +386,7 @@ def residual_mean_max(model, prompts: list[torch.Tensor]) -> float:
         rms = x.pow(2).mean(-1).sqrt().clamp_min(1e-30)
         if padding is not None and padding.shape[-1]:
             mean = torch.maximum(mean, padding.to(torch.float64).abs().amax(-1))
-        worst[0] = max(worst[0], float((mean / rms).max()))
+        worst.append(float((mean / rms).max()))  # NaN stays NaN: builtin max() would drop it
 
     handles = [model.get_submodule(path).register_forward_pre_hook(hook) for path in block["norms"]]
     try:
@@ -355,7 +395,7 @@ def residual_mean_max(model, prompts: list[torch.Tensor]) -> float:
     finally:
         for handle in handles:
             handle.remove()
-    return worst[0]
+    return float(torch.tensor(worst, dtype=torch.float64).max())
 
 
 def _param_count(model) -> int:
@@ -379,7 +419,7 @@ def verify(
     ORIGINAL may be a hub id; without `revision` it is read at the commit CONVERTED records, if any.
     An original stored only as pickled *.bin files is refused unless ``allow_pickle`` (transformers
     then loads it with torch.load(weights_only=True))."""
-    from .checkpoint import weights_format
+    from .checkpoint import check_path_encoding, weights_format
     from .hub import recorded_revision, resolve_source
 
     tolerances = tolerances or Tolerances()
@@ -388,9 +428,10 @@ def verify(
         original, revision=revision or recorded_revision(original, converted), token=token, allow_pickle=allow_pickle, reporter=reporter
     )
     original = source.path
-    for path in (original, converted):
+    for path, what in ((original, "ORIGINAL"), (converted, "CONVERTED")):
         if not Path(path).is_dir():
             raise BadInputError(f"'{path}' is not a checkpoint folder")
+        check_path_encoding(path, what)
     weights_format(Path(original), allow_pickle)
     check_pair(Path(original), Path(converted))
     dtype = dtype or converted_dtype(converted)
@@ -418,14 +459,23 @@ def verify(
     with reporter.step("measuring the residual-stream mean"):
         residual = residual_mean_max(candidate_model, prompts)
     params = {"params_original": _param_count(reference_model), "params_converted": _param_count(candidate_model)}
+    non_finite = {"original": non_finite_parameters(reference_model), "converted": non_finite_parameters(candidate_model)}
     target = candidate_model.config.prenorm["target"]
-    if original_error is not None:
+    float32_error = margins = None
+    if original_error is None:
+        del candidate_model
+        with reporter.step("measuring the original's own float32 error (a float64 run)"):
+            float32_error = compare_logits(_logits(reference_model.to(torch.float64), prompts), reference)
+            margins = top_two_margins(reference)
+        del reference_model
+    else:
         del reference_model, reduced_original, candidate_model  # one float32 model at a time from here
         gc.collect()
         with reporter.step("measuring what rounding the rewritten tensors costs"):
             weights_error = rounded_weights_error(original, converted, prompts, allow_pickle)
-    limits = tolerances.resolve(dtype, logit_scale, original_error, weights_error)
-    failures = []
+    near_ties = (lambda gap: float((margins <= gap).double().mean())) if margins is not None else None
+    limits = tolerances.resolve(dtype, logit_scale, original_error, weights_error, float32_error, near_ties)
+    failures = non_finite_failures(non_finite, {**metrics, "logit_scale": logit_scale, "residual_mean_max": residual})
     if weights_error is not None and weights_error["tensors_not_matching"]:
         failures.append(
             f"{len(weights_error['tensors_not_matching'])} rewritten tensor(s) are not the rewrite of ORIGINAL rounded to "
@@ -452,19 +502,51 @@ def verify(
         },
         "residual_mean_max": residual,
         **params,
+        "non_finite_tensors": non_finite,
         "dtype": _dtype_name(dtype),
         "reference_dtype": "float32",
+        "original_float32_error": float32_error,
         "original_in_dtype": original_error,
         "rounded_weights": weights_error,
         "prompts": len(prompts),
         "target": target,
         "source": source.name,
         "source_revision": source.revision,
+        "files_sha256": folder_digests(converted),
         "tolerances": limits,
         "failures": failures,
         "passed": not failures,
     }
-    return report
+    return finite_or_none(report)
+
+
+def non_finite_parameters(model) -> list[str]:
+    """Names of the parameters holding a NaN or an infinity."""
+    return [name for name, param in model.named_parameters() if not bool(torch.isfinite(param).all())]
+
+
+def non_finite_failures(non_finite: dict[str, list[str]], measured: dict) -> list[str]:
+    """Failure lines for non-finite weights or measurements: any of them fails the gate, whatever the
+    thresholds (a NaN compares false against every limit)."""
+    failures = []
+    advice = {
+        "original": "the original itself is broken: fix or re-download it",
+        "converted": "with a finite original this is an overflow of the output dtype: convert with --dtype float32",
+    }
+    for side in ("original", "converted"):
+        names = non_finite[side]
+        if names:
+            failures.append(f"{side.upper()} holds NaN or infinite values in {len(names)} tensor(s), e.g. {names[0]} ({advice[side]})")
+    bad = [key for key, value in measured.items() if isinstance(value, float) and not math.isfinite(value)]
+    if bad:
+        failures.append(f"non-finite measurements ({', '.join(bad)}): the models' outputs hold NaN or infinite values")
+    return failures
+
+
+def top_two_margins(logits: list[torch.Tensor]) -> torch.Tensor:
+    """Per position, how far the top logit is above the second (near ties may legitimately swap)."""
+    top = torch.cat(logits).topk(2, dim=-1).values
+    return top[:, 0] - top[:, 1]
 
 
 def _pad_id(model) -> int:

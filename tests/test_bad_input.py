@@ -228,23 +228,29 @@ def test_prompts_longer_than_the_model_are_cut_to_its_positions(gpt2_dir, worksp
     assert report["positions"] > 128, "the long prompt counts up to the model's 128 positions"
 
 
-def test_verify_reports_a_failure_in_one_line_even_when_quiet(gpt2_dir, workspace):
+def test_verify_reports_a_failure_in_one_line_and_its_table_even_when_quiet(gpt2_dir, workspace):
+    """--quiet hides progress only: the result table and the one failure line are still printed."""
     out = workspace / "out-parent" / "out"
     assert run_cli("convert", gpt2_dir, out, "--quiet", "--no-verify").exit_code == 0
     result = run_cli("verify", gpt2_dir, out, "--quiet", "--max-abs-logit-diff", "0")
     assert result.exit_code == 1 and result.stdout == ""
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: verification failed: max |Δlogit|")
+    assert lines[-1].startswith("error: verification failed: max |Δlogit|")
+    assert [line for line in lines if "top-1 agreement" in line], "the result table is shown"
+    assert not [line for line in lines if "✓" in line or "comparing logits" in line], "no progress when quiet"
     result = run_cli("verify", out, out, "--quiet")
     assert result.exit_code == 2 and "was written by prenorm-convert" in result.stderr
 
 
-def test_demo_prints_plain_json(tmp_path):
+def test_demo_prints_plain_json_on_request_and_paths_verbatim(tmp_path):
     workdir = tmp_path / ("a-long-folder-name-that-would-wrap-a-rich-console-line-" * 2 + "[bold]x")
-    result = run_cli("demo", "--workdir", workdir, "--quiet")
+    result = run_cli("demo", "--workdir", workdir, "--quiet", "--json", "-")
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["passed"] and report["source"] == str(workdir / "original")
+    assert "[bold]x/converted" in " ".join(result.stderr.split()).replace(" ", ""), result.stderr
+    quiet = run_cli("demo", "--workdir", workdir, "--quiet")
+    assert quiet.exit_code == 0 and quiet.stdout == "", "no JSON dump unless asked for"
 
 
 def test_verify_and_bench_refuse_a_pair_that_does_not_belong_together(gpt2_dir, workspace):

@@ -1,0 +1,140 @@
+"""The gate never lies: non-finite weights or measurements always fail (exit 1) and are named, reports
+are strict JSON, and the float32 tolerance follows the measured float32 error of the original itself,
+so a wide prompt set passes a correct conversion while a wrong rewrite still fails."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import run_cli
+
+
+def strict_json(text: str):
+    """json.loads that refuses NaN and Infinity, as jq, JavaScript and most parsers do."""
+
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def with_tensor(src, tmp_path, name_part: str, edit) -> tuple:
+    """A copy of ``src`` whose first tensor with ``name_part`` in its name is edited in place: (folder, name)."""
+    folder = tmp_path / "src"
+    shutil.copytree(src, folder)
+    for shard in sorted(folder.glob("*.safetensors")):
+        tensors = load_file(shard)
+        names = [name for name in tensors if name_part in name]
+        if names:
+            edit(tensors[names[0]])
+            save_file(tensors, shard, metadata={"format": "pt"})
+            return folder, names[0]
+    raise AssertionError(f"no tensor named like {name_part}")
+
+
+@pytest.fixture(scope="module")
+def nan_source(gpt2_dir, tmp_path_factory):
+    def poison(tensor):
+        tensor[0, 0] = float("nan")
+
+    return with_tensor(gpt2_dir, tmp_path_factory.mktemp("nan"), "mlp.c_fc.weight", poison)
+
+
+@pytest.mark.parametrize("thresholds", [(), ("--max-abs-logit-diff", "1e3", "--max-kl", "1e3", "--min-top1", "0")])
+def test_a_nan_weight_fails_the_gate_by_name_even_with_loose_thresholds(nan_source, tmp_path, thresholds):
+    src, poisoned = nan_source
+    out = tmp_path / "out"
+    result = run_cli("convert", src, out, "--quiet", "--json", "-", *thresholds)
+    assert result.exit_code == 1, result.stderr
+    report = strict_json(result.stdout)
+    assert report["passed"] is False
+    assert poisoned in report["non_finite_tensors"]["original"]
+    assert report["non_finite_tensors"]["converted"], "the NaN spreads into the rewritten tensors"
+    message = " ".join(result.stderr.split())
+    assert f"ORIGINAL holds NaN or infinite values in 1 tensor(s), e.g. {poisoned}" in message
+    assert "non-finite measurements" in message and "max_abs_logit_diff" in message
+    assert report["max_abs_logit_diff"] is None, "non-finite numbers are written as null"
+    strict_json((out / "conversion_report.json").read_text())
+    # verify says the same, and push refuses the folder
+    verify = run_cli("verify", src, out, "--quiet", "--json", "-", *thresholds)
+    assert verify.exit_code == 1 and strict_json(verify.stdout)["passed"] is False
+    push = run_cli("push", out, "me/nan-model", "--quiet")
+    assert push.exit_code == 2 and "did not pass verification" in push.stderr
+
+
+def test_an_overflow_of_the_output_dtype_fails_and_names_the_converted_tensor(gpt2_dir, tmp_path):
+    def huge(tensor):
+        # finite in float32, beyond float16's largest value (65504); zero-mean, so centering keeps it
+        tensor[0, 0::2] = 7e4
+        tensor[0, 1::2] = -7e4
+
+    src, name = with_tensor(gpt2_dir, tmp_path, "mlp.c_proj.weight", huge)
+    result = run_cli("convert", src, tmp_path / "out", "--quiet", "--dtype", "float16", "--json", "-")
+    assert result.exit_code == 1, result.stderr
+    report = strict_json(result.stdout)
+    assert report["non_finite_tensors"]["original"] == []
+    assert name in report["non_finite_tensors"]["converted"]
+    assert "CONVERTED holds NaN or infinite values" in " ".join(result.stderr.split())
+
+
+def test_json_output_never_holds_bare_nan():
+    from prenorm_convert.jsonout import dumps
+
+    text = dumps({"a": float("nan"), "b": [float("inf"), 1.5], "c": {"d": -math.inf}})
+    assert strict_json(text) == {"a": None, "b": [None, 1.5], "c": {"d": None}}
+
+
+@pytest.fixture(scope="module")
+def converted_gpt2(gpt2_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gate32") / "out"
+    assert run_cli("convert", gpt2_dir, out, "--quiet", "--no-verify").exit_code == 0
+    return out
+
+
+def test_float32_tolerance_follows_the_originals_own_error_on_a_wide_prompt_set(gpt2_dir, converted_gpt2, tmp_path):
+    words = "the quick brown fox jumps over lazy dog def return SELECT FROM 1905 physics village sea".split()
+    generator = torch.Generator().manual_seed(3)
+    lines = [" ".join(words[int(i)] for i in torch.randint(0, len(words), (20,), generator=generator)) for _ in range(300)]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(lines) + "\n")
+    result = run_cli("verify", gpt2_dir, converted_gpt2, "--quiet", "--prompts", prompts, "--greedy-tokens", "4", "--json", "-")
+    assert result.exit_code == 0, result.stderr
+    report = strict_json(result.stdout)
+    own = report["original_float32_error"]
+    assert report["prompts"] == 300 and own["positions"] == report["positions"]
+    assert 0 < own["max_abs_logit_diff"] < 1e-4 * report["logit_scale"], "float32 noise, measured against float64"
+    expected = max(1e-5 * report["logit_scale"], 1.5 * 2 * own["max_abs_logit_diff"])
+    assert report["tolerances"]["max_abs_logit_diff"] == pytest.approx(expected)
+    assert report["max_abs_logit_diff"] <= report["tolerances"]["max_abs_logit_diff"]
+    print(
+        f"300 prompts: converted max|Δ| {report['max_abs_logit_diff']:.3g}, original float32 vs float64 "
+        f"{own['max_abs_logit_diff']:.3g}, tolerance {report['tolerances']['max_abs_logit_diff']:.3g}"
+    )
+
+
+def test_a_wrong_rewrite_still_fails_the_float32_gate(gpt2_dir, tmp_path, monkeypatch):
+    from prenorm_convert import transform
+
+    monkeypatch.setitem(transform.STEPS, "center_rows", lambda x: x)  # embeddings left uncentred
+    result = run_cli("convert", gpt2_dir, tmp_path / "out", "--quiet", "--json", "-")
+    assert result.exit_code == 1, result.stderr
+    report = strict_json(result.stdout)
+    assert report["max_abs_logit_diff"] > 100 * report["tolerances"]["max_abs_logit_diff"]
+    assert any(failure.startswith("max |Δlogit|") for failure in report["failures"])
+
+
+def test_top1_may_differ_only_at_near_ties():
+    from prenorm_convert.verification import Tolerances
+
+    limits = Tolerances().resolve(
+        torch.float32, 10.0, None, float32_error={"max_abs_logit_diff": 1e-4, "max_kl_divergence": 1e-12}, near_tie_fraction=lambda gap: 0.01 if gap >= 6e-4 else 0.0
+    )
+    assert limits["max_abs_logit_diff"] == pytest.approx(3e-4)
+    assert limits["min_top1"] == pytest.approx(0.99)
+    assert limits["max_kl"] == 1e-6
