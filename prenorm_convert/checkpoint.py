@@ -155,7 +155,7 @@ def weights_format(path: Path, allow_pickle: bool) -> str:
         if not allow_pickle:
             raise BadInputError(
                 f"'{path}' stores its weights as pickled *.bin files, which can run code when loaded; "
-                "re-save them as safetensors, or pass --allow-pickle to load them with torch.load(weights_only=True)"
+                f"re-save them as safetensors, or pass {option('--allow-pickle')} to load them with torch.load(weights_only=True)"
             )
         return "pickle"
     raise BadInputError(f"'{path}' holds no weights (no {SAFE_SINGLE}, {SAFE_INDEX} or {PICKLE_SINGLE}); is the download complete?")
