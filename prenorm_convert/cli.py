@@ -486,12 +486,13 @@ def push(
     repo_id: str = typer.Argument(..., help="Hub repository (org/name or user/name); created if it does not exist."),
     private: bool = typer.Option(False, "--private", help="Create the repository as private."),
     token: Optional[str] = typer.Option(None, "--token", help="Hub token with write access (default: HF_TOKEN, then the saved login).", show_default=False),
-    force: bool = typer.Option(False, "--force", help="Push even without a passing conversion_report.json."),
+    force: bool = typer.Option(False, "--force", help="Push even without a passing conversion_report.json that matches the files."),
     quiet: bool = QuietOption,
 ):
     """Upload a converted folder to the hub (model card, weights, remote code, report).
 
-    Refuses a folder whose conversion_report.json is missing or did not pass, unless --force.
+    Refuses a folder whose conversion_report.json is missing or did not pass, or whose files changed
+    since it was written (checked by SHA-256), unless --force.
 
     Example:  [bold]prenorm-convert push ./gpt2-rms me/gpt2-rms[/bold]
 

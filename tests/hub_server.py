@@ -13,7 +13,8 @@ Errors carry the hub's X-Error-Code (RepoNotFound 401, GatedRepo 401/403, Revisi
 EntryNotFound 404), which is what the client turns into its typed exceptions.
 
 Not served: LFS / Xet transfers (the preupload answer keeps every file "regular"), pagination,
-pull requests. Plus `write_cache`, which lays files out in the standard cache by hand.
+pull requests. Plus `write_cache`, which lays files out in the standard cache by hand, and
+`SilentEndpoint`, a hub that accepts connections and never answers.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import base64
 import hashlib
 import json
 import os
+import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -102,6 +105,45 @@ class FakeHub:
 
     def paths_requested(self) -> list[str]:
         return [request.path for request in self.requests]
+
+
+class SilentEndpoint:
+    """A loopback endpoint that accepts every TCP connection and never answers (a hung hub or proxy).
+
+    Each connection is closed after ``hang_for`` seconds, so a client without timeouts fails a test
+    instead of hanging it."""
+
+    def __init__(self, hang_for: float = 60.0):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.1)
+        self.endpoint = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.hang_for = hang_for
+        self.held: list[tuple[socket.socket, float]] = []  # (connection, when accepted)
+        self.accepted = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+
+    def _accept(self):
+        while not self.stop.is_set():
+            try:
+                connection, _ = self.listener.accept()
+                self.held.append((connection, time.monotonic()))  # never read from or written to
+                self.accepted += 1
+            except TimeoutError:
+                pass
+            for connection, since in [item for item in self.held if time.monotonic() - item[1] > self.hang_for]:
+                connection.close()
+                self.held.remove((connection, since))
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        for connection in [self.listener, *(connection for connection, _ in self.held)]:
+            connection.close()
 
 
 def write_cache(cache: Path, repo_id: str, commit: str, files: dict[str, bytes], refs: dict[str, str]) -> Path:

@@ -13,6 +13,7 @@ import json
 import shutil
 import socket
 import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -20,7 +21,7 @@ import yaml
 from huggingface_hub import constants
 
 from conftest import run_cli, snapshot
-from hub_server import WRITE_TOKEN, FakeHub, write_cache
+from hub_server import WRITE_TOKEN, FakeHub, SilentEndpoint, write_cache
 
 REPO = "acme/tiny-gpt2"
 PUSHED = "acme/tiny-gpt2-rmsnorm"
@@ -191,6 +192,48 @@ def test_inspect_on_a_hub_id_refuses_a_damaged_header(hub, gpt2_dir, tmp_path):
     assert result.stdout == "" and snapshot(tmp_path) == before
 
 
+ESCAPING_SHARDS = {
+    "other-repo": "../../models--acme--private/snapshots/main/model.safetensors",
+    "absolute": "/etc/passwd",
+    "not-in-repo": "model-00009-of-00009.safetensors",
+}
+
+
+def index_naming(folder, shard: str) -> dict[str, bytes]:
+    """The folder's files, with the index mapping its first tensor to ``shard``."""
+    files = repo_files(folder)
+    index = json.loads(files["model.safetensors.index.json"])
+    first = sorted(index["weight_map"])[0]
+    index["weight_map"][first] = shard
+    return {**files, "model.safetensors.index.json": json.dumps(index).encode()}
+
+
+@pytest.mark.parametrize("kind", sorted(ESCAPING_SHARDS))
+def test_a_hub_index_names_only_files_of_its_own_repository(hub, gpt2_dir, tmp_path, kind):
+    """An index naming another repository's cached files, an absolute path or a file the repository
+    does not hold: refused before any weight is fetched, by convert and by inspect."""
+    shard, repo = ESCAPING_SHARDS[kind], f"acme/escape-{kind}"
+    hub.add_repo(repo, index_naming(gpt2_dir, shard))
+    before = len(hub.requests)
+    assert_refused(tmp_path / "convert", repo, repr(shard), "model.safetensors.index.json")
+    inspected = run_cli("inspect", repo, "--json")
+    assert inspected.exit_code == 2 and inspected.stdout == "", inspected.stderr
+    lines = inspected.stderr.strip().splitlines()
+    assert len(lines) == 1 and repr(shard) in lines[0], inspected.stderr
+    weights = [r.path for r in hub.requests[before:] if r.method == "GET" and r.path.endswith(".safetensors")]
+    assert weights == [], "no shard may be read"
+
+
+@pytest.mark.parametrize("kind", ["other-repo", "absolute"])
+def test_a_cached_index_names_only_files_inside_its_snapshot(hub, gpt2_dir, tmp_path, monkeypatch, kind):
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+    write_cache(tmp_path / "cache", "acme/cached-escape", commit, index_naming(gpt2_dir, ESCAPING_SHARDS[kind]), refs={"main": commit})
+    point_client_at(monkeypatch, hub.endpoint, tmp_path / "cache", offline=True)
+    assert_refused(tmp_path / "convert", "acme/cached-escape", repr(ESCAPING_SHARDS[kind]))
+    inspected = run_cli("inspect", "acme/cached-escape", "--json")
+    assert inspected.exit_code == 2 and repr(ESCAPING_SHARDS[kind]) in inspected.stderr, inspected.stderr
+
+
 def test_verify_reads_a_hub_original_at_the_commit_the_conversion_records(hub, gpt2_dir, gpt2_bare_dir, tmp_path):
     first = hub.add_repo("acme/moving", repo_files(gpt2_dir))
     out = tmp_path / "out"
@@ -225,6 +268,45 @@ def test_offline_with_nothing_cached(hub, tmp_path, monkeypatch):
 def test_unreachable_hub_with_nothing_cached(tmp_path, monkeypatch):
     point_client_at(monkeypatch, closed_port_endpoint(), tmp_path / "empty-cache")
     assert_refused(tmp_path, REPO, "not in the local hub cache", "could not be reached")
+
+
+def test_a_hub_that_never_answers_times_out(conversions, tmp_path, monkeypatch):
+    """An endpoint that accepts connections and never answers: push, convert and inspect of a hub id
+    give up after the timeouts huggingface_hub's variables set (read when the command runs), exit 2."""
+    folder = tmp_path / "converted"
+    shutil.copytree(conversions.hub, folder)
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    before = snapshot(tmp_path)
+    with SilentEndpoint(hang_for=45) as silent:
+        point_client_at(monkeypatch, silent.endpoint, tmp_path / "empty-cache")
+        monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "1")
+        monkeypatch.setenv("HF_HUB_DOWNLOAD_TIMEOUT", "1")
+        for args in (
+            ("push", folder, "acme/hung", "--token", WRITE_TOKEN, "--quiet"),
+            ("convert", REPO, parent / "out", "--quiet"),
+            ("inspect", REPO, "--json"),
+        ):
+            started = time.monotonic()
+            result = run_cli(*args)
+            elapsed = time.monotonic() - started
+            assert result.exit_code == 2, (args, result.exit_code, result.stderr)
+            assert elapsed < 30, (args, elapsed)
+            lines = result.stderr.strip().splitlines()
+            assert len(lines) == 1 and "did not answer within 1 s" in lines[0] and "HF_HUB_ETAG_TIMEOUT" in lines[0], lines
+        assert silent.accepted >= 3, "the endpoint was not contacted"
+    assert snapshot(tmp_path) == before, "nothing may be written"
+
+
+def test_hub_timeouts_follow_the_environment(monkeypatch):
+    from prenorm_convert.hub import METADATA_TIMEOUT, TRANSFER_TIMEOUT, hub_timeouts
+
+    for name in ("HF_HUB_ETAG_TIMEOUT", "HF_HUB_DOWNLOAD_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+    assert hub_timeouts() == (METADATA_TIMEOUT, TRANSFER_TIMEOUT)
+    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "2.5")
+    monkeypatch.setenv("HF_HUB_DOWNLOAD_TIMEOUT", "not a number")
+    assert hub_timeouts() == (2.5, TRANSFER_TIMEOUT)
 
 
 def test_repository_not_found(hub, tmp_path):
@@ -308,6 +390,55 @@ def test_push_refuses_unverified_or_failed_folders_unless_forced(conversions, hu
     assert forced.exit_code == 0, forced.stderr
     assert hub.files("acme/failed")["conversion_report.json"] == report_path.read_bytes()
     assert not hub.repos["acme/failed"].private
+
+
+def test_push_card_shows_a_verification_run_after_a_no_verify_conversion(gpt2_dir, hub, tmp_path):
+    out = tmp_path / "out"
+    assert run_cli("convert", gpt2_dir, out, "--quiet", "--no-verify").exit_code == 0
+    assert "Not verified" in (out / "README.md").read_text()
+    verified = run_cli("verify", gpt2_dir, out, "--quiet", "--json", out / "conversion_report.json")
+    assert verified.exit_code == 0, verified.stderr
+    result = run_cli("push", out, "acme/verified-later", "--token", WRITE_TOKEN, "--quiet")
+    assert result.exit_code == 0, result.stderr
+    card = hub.files("acme/verified-later")["README.md"].decode()
+    assert "Not verified" not in card and "top-1 agreement" in card and "| passed | yes |" in card
+
+
+def test_push_refuses_a_folder_edited_after_verification_unless_forced(conversions, hub, tmp_path):
+    folder = tmp_path / "converted"
+    shutil.copytree(conversions.hub, folder)
+    shard = sorted(folder.glob("*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1  # one bit of one weight
+    shard.write_bytes(bytes(data))
+    requests_before = len(hub.requests)
+    refused = run_cli("push", folder, "acme/edited", "--token", WRITE_TOKEN, "--quiet")
+    assert refused.exit_code == 2, refused.stderr
+    line = refused.stderr.strip()
+    assert len(line.splitlines()) == 1 and "changed after it was verified" in line and shard.name in line, line
+    assert "prenorm-convert verify ORIGINAL" in line and "--force" in line, line
+    assert len(hub.requests) == requests_before and "acme/edited" not in hub.repos, "a refused push sends nothing"
+    forced = run_cli("push", folder, "acme/edited", "--token", WRITE_TOKEN, "--quiet", "--force")
+    assert forced.exit_code == 0, forced.stderr
+    assert hub.files("acme/edited")[shard.name] == shard.read_bytes()
+
+
+def test_push_refuses_a_report_that_records_no_file_hashes_unless_forced(conversions, hub, tmp_path):
+    from prenorm_convert.errors import BadInputError
+    from prenorm_convert.hub import push
+
+    folder = tmp_path / "converted"
+    shutil.copytree(conversions.hub, folder)
+    report = json.loads((folder / "conversion_report.json").read_text())
+    del report["files_sha256"]  # as an older prenorm-convert wrote it
+    (folder / "conversion_report.json").write_text(json.dumps(report))
+    refused = run_cli("push", folder, "acme/old-report", "--token", WRITE_TOKEN, "--quiet")
+    assert refused.exit_code == 2 and "files_sha256" in refused.stderr and "verify ORIGINAL" in refused.stderr, refused.stderr
+    with pytest.raises(BadInputError, match="force=True"):  # the Python API names its own argument
+        push(folder, "acme/old-report", token=WRITE_TOKEN)
+    assert "acme/old-report" not in hub.repos
+    forced = run_cli("push", folder, "acme/old-report", "--token", WRITE_TOKEN, "--quiet", "--force")
+    assert forced.exit_code == 0, forced.stderr
 
 
 def test_push_to_an_existing_repo_adds_a_commit(conversions, hub):
