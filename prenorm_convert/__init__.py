@@ -1,8 +1,7 @@
 """prenorm-convert: Pre-LN checkpoints -> exactly equivalent Pre-RMSNorm / Pre-CRMSNorm checkpoints."""
 
-__version__ = "0.1.0"
-
-from .errors import (  # noqa: E402
+from ._version import __version__
+from .errors import (
     BadInputError,
     CorruptCheckpointError,
     HubError,

@@ -5,25 +5,24 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections import OrderedDict
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
-from . import __version__, jsonout
+from . import jsonout
+from ._version import __version__
 from .card import write_model_card
 from .checkpoint import SourceCheckpoint, atomic_output_dir, check_output_location, check_path_encoding
 from .errors import BadInputError, VerificationFailed, option
 from .hub import resolve_source
-from .plan import ConversionPlan, make_plan, parse_dtype
+from .dtype_checks import parse_dtype
+from .plan import ConversionPlan, make_plan
 from .progress import SILENT, Reporter
-from .row_blocks import DEFAULT_BLOCK_BYTES, Workspace, run_op_in_blocks, sliced_inputs, stored_copy
+from .row_blocks import DEFAULT_BLOCK_BYTES, RecentTensors, Workspace, run_op, run_op_in_blocks, sliced_inputs, stored_copy
 from .safetensors_io import OutputTensor, StreamingShardWriter
 from .spec import match_spec
-from .transform import STEPS
 from .verification import Tolerances, check_greedy_fits, failure_message, read_prompt_lines, verify
 
 REMOTE_CODE_FILE = "modeling_prenorm.py"
@@ -53,35 +52,6 @@ def parse_size(text: str | int) -> int:
     if value <= 0:
         raise BadInputError(f"--max-shard-size must be positive, got '{text}'")
     return value
-
-
-class _RecentTensors:
-    """The last few float64 inputs: a reader's weight is read for its weight and again for its folded bias."""
-
-    def __init__(self, source: SourceCheckpoint, size: int = 2):
-        self.source, self.size = source, size
-        self.cache: OrderedDict[str, torch.Tensor] = OrderedDict()
-
-    def get(self, key: str) -> torch.Tensor:
-        if key in self.cache:
-            self.cache.move_to_end(key)
-            return self.cache[key]
-        tensor = self.source.read(key).to(torch.float64)
-        self.cache[key] = tensor
-        if len(self.cache) > self.size:
-            self.cache.popitem(last=False)
-        return tensor
-
-
-def run_op(op, tensors: _RecentTensors) -> torch.Tensor:
-    """Execute one plan entry in float64 and cast once to the output dtype (MATH.md "Numerics")."""
-    value = None
-    for index, (name, params) in enumerate(op.steps):
-        if index == 0:
-            value = STEPS[name](**{arg: tensors.get(key) for arg, key in op.inputs.items()}, **params)
-        else:
-            value = STEPS[name](value, **params)
-    return value.to(op.dtype)
 
 
 def converted_config(source: SourceCheckpoint, plan: ConversionPlan, source_name: str, revision: str | None) -> dict:
@@ -126,23 +96,10 @@ def converted_config(source: SourceCheckpoint, plan: ConversionPlan, source_name
     return config
 
 
-def op_rows(op, source: SourceCheckpoint, workspace: Workspace | None = None) -> Iterator[tuple[int, torch.Tensor]]:
-    """(first row, rows) of one plan entry's result: block by block when it is row-wise (memory stays
-    a fixed budget; a block is valid until the next one is asked for), else whole."""
-    sliced = sliced_inputs(op, {arg: source.tensors[key].shape for arg, key in op.inputs.items()})
-    if sliced is None:
-        yield 0, run_op(op, _RecentTensors(source))
-        return
-    start = 0
-    for block in run_op_in_blocks(op, source, sliced, BLOCK_BYTES, workspace):
-        yield start, block
-        start += block.shape[0]
-
-
 def write_weights(source: SourceCheckpoint, plan: ConversionPlan, folder: Path, max_shard_bytes: int, reporter: Reporter) -> list[str]:
     outputs = [OutputTensor(op.name, op.dtype, op.shape) for op in plan.ops]
     writer = StreamingShardWriter(folder, outputs, max_shard_bytes)
-    tensors = _RecentTensors(source)
+    tensors = RecentTensors(source)
     workspace = Workspace()
     # the float64 work runs in small blocks and is bound by memory bandwidth; leave the other half
     # of the cores to the writer thread and the kernel's copies (measured: docs/performance.md)

@@ -34,6 +34,13 @@ SHAPES = {
     # opt-125m / bloom-560m structure, scaled down (OPT: relu MLP 4x wide, biases, learned positions)
     "opt": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "ffn_dim": 256, "max_position_embeddings": 128},
     "bloom": {"hidden_size": 64, "n_layer": 2, "n_head": 4},
+    # parallel-block families: partial rotary where the family has it, biases as their configs give them
+    "gpt_neox": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256, "max_position_embeddings": 128},
+    "gptj": {"n_embd": 64, "n_layer": 2, "n_head": 4, "rotary_dim": 8, "n_positions": 128},
+    "codegen": {"n_embd": 64, "n_layer": 2, "n_head": 4, "rotary_dim": 8, "n_positions": 128, "n_ctx": 128},
+    "gpt_neo": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "attention_types": [[["global", "local"], 1]], "window_size": 8, "max_position_embeddings": 128},
+    "phi": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256, "max_position_embeddings": 128},
+    "falcon": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4},
 }
 
 
@@ -105,13 +112,19 @@ def build_checkpoint(
 def strip_prefix(folder: str | Path, prefix: str, extra: dict[str, torch.Tensor] | None = None) -> None:
     """Rewrite a saved checkpoint in the older key style (keys without `prefix`), adding `extra`
     tensors (e.g. GPT-2's `h.N.attn.bias` causal-mask buffers) as the original uploads have them."""
+    rename_prefix(folder, prefix, "", extra)
+
+
+def rename_prefix(folder: str | Path, old: str, new: str, extra: dict[str, torch.Tensor] | None = None) -> None:
+    """Rewrite a saved checkpoint with every key starting with `old` starting with `new` instead
+    (e.g. Pythia's uploads name transformers' `lm_head.` `embed_out.`), adding `extra` tensors."""
     folder = Path(folder)
     index_path = folder / "model.safetensors.index.json"
     files = sorted(set(json.loads(index_path.read_text())["weight_map"].values())) if index_path.exists() else ["model.safetensors"]
     weight_map = {}
     for position, file_name in enumerate(files):
         with safe_open(str(folder / file_name), framework="pt") as handle:
-            tensors = {key.removeprefix(prefix): handle.get_tensor(key) for key in handle.keys()}
+            tensors = {(new + key[len(old):] if key.startswith(old) else key): handle.get_tensor(key) for key in handle.keys()}
         if position == 0 and extra:
             tensors.update(extra)
         save_file(tensors, str(folder / file_name), metadata={"format": "pt"})

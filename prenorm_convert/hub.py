@@ -471,7 +471,7 @@ def _upload_operations(folder: Path, repo_id: str, report: dict | None) -> list:
 
 
 def _commit_message(folder: Path) -> str:
-    from . import __version__
+    from ._version import __version__
 
     block = json.loads((folder / CONFIG).read_text())["prenorm"]
     return f"{block.get('family', 'model')} converted to {block.get('target', 'rmsnorm')} by prenorm-convert {__version__}"

@@ -6,24 +6,11 @@ from collections import Counter
 from pathlib import Path
 
 from .checkpoint import SourceCheckpoint, check_path_encoding
+from .dtype_checks import parse_dtype
 from .hub import resolve_source
-from .plan import make_plan, parse_dtype
+from .plan import make_plan
 from .spec import load_not_convertible, load_specs, match_spec
-
-STEP_WORDS = {
-    "center_rows": "center rows",
-    "center_writer_weight": "center output columns",
-    "center_vector": "center",
-    "fold_gamma": "fold γ",
-    "fold_beta": "fold β",
-    "bake_layernorm": "bake the stem LayerNorm",
-    "drop_last_feature": "drop last feature",
-    "drop_last_output": "drop last output",
-    "merge_last_input": "merge last input column",
-    "zero_pad_feature": "zero-pad features",
-    "zero_pad_output": "zero-pad outputs",
-    "zero_pad_input": "zero-pad input columns",
-}
+from .transform import STEPS
 
 
 def describe(
@@ -44,7 +31,7 @@ def describe(
     plan = make_plan(source, spec, target=target, fold_affine=fold_affine, dtype=parse_dtype(dtype), pad_to=pad_to)
     changes = Counter()
     for op in plan.ops:
-        words = [STEP_WORDS[name] for name, _ in op.steps if name != "identity"]
+        words = [STEPS[name].words for name, _ in op.steps if STEPS[name].words]
         if words:
             changes[f"{op.role}: {', '.join(words)}"] += 1
     width = plan.residual_width
@@ -85,7 +72,7 @@ def _notes(plan) -> list[str]:
     if plan.residual_width != plan.hidden_size:
         notes.append(
             f"the residual stream shrinks from {plan.hidden_size} to {plan.residual_width} features "
-            f"(MATH.md \"Pre-CRMSNorm\"; {len(plan.resized)} tensors change shape); hidden states are "
+            f"(docs/math.md \"Pre-CRMSNorm\"; {len(plan.resized)} tensors change shape); hidden states are "
             f"{plan.stream_width} wide, and the dropped feature is minus the sum of the others"
         )
     if plan.stream_width is not None and plan.stream_width != plan.residual_width:
@@ -129,7 +116,7 @@ def families() -> list[dict]:
                 "description": spec.description,
                 "model_types": list(spec.model_types),
                 "architectures": list(spec.architectures),
-                "refuses": [f"{rule.config_key}={rule.equals}: {rule.why}" for rule in spec.refuse],
+                "refuses": [f"{rule.describe()}: {rule.why}" for rule in spec.refuse],
                 "stem_norms": [stem.norm for stem in spec.stem_norms],
             }
         )

@@ -6,13 +6,13 @@ and transformers. A converted model is the stock transformers class of its famil
 module swaps recorded in ``config.prenorm`` applied right after construction:
 
 - ``resized``: parameters whose shape changed (crmsnorm: the residual stream is d-1 wide, or
-  zero-padded with --pad-to; MATH.md "Pre-CRMSNorm"); config.hidden_size stays d, so attention
+  zero-padded with --pad-to; docs/math.md "Pre-CRMSNorm"); config.hidden_size stays d, so attention
   splits heads as before, and ``output_hidden_states`` returns the narrow stream
   (``restore_full_width`` rebuilds the d-wide one);
-- ``norms``: LayerNorm -> RMSNorm (MATH.md "Why it is exact"), affine kept or folded away, or
+- ``norms``: LayerNorm -> RMSNorm (docs/math.md "Why it is exact"), affine kept or folded away, or
   CRMSNorm on the compressed stream;
 - ``biased``: linears that gained a bias when the norm's β was folded into them;
-- ``removed``: main-branch norms baked into the embedding table (MATH.md, stem norms).
+- ``removed``: main-branch norms baked into the embedding table (docs/math.md, stem norms).
 
 Classes are made on demand from the stock class name: ``PrenormGPT2LMHeadModel`` is
 ``GPT2LMHeadModel`` plus the swaps, ``PrenormGPT2Config`` is ``GPT2Config`` under its own
@@ -33,8 +33,8 @@ def rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor | None, bias: tor
     """γ ⊙ x / sqrt(mean(x²) + ε) + β over the last axis, on the fastest exact path torch offers.
 
     Never LayerNorm's kernel, although LN(x) = RMSNorm(x) on the zero-mean stream a conversion
-    writes (MATH.md "Why it is exact"): in bf16/fp16 the stream is zero-mean only to the dtype's
-    rounding (MATH.md "Numerics"), and a fine-tuned, rotated or steered model has no zero-mean
+    writes (docs/math.md "Why it is exact"): in bf16/fp16 the stream is zero-mean only to the dtype's
+    rounding (docs/math.md "Numerics"), and a fine-tuned, rotated or steered model has no zero-mean
     stream at all, where the LN kernel would silently compute another function than RMSNorm.
 
     On CUDA (and other accelerators) torch's ``rms_norm`` is one fused kernel. On CPU it is a
@@ -67,7 +67,7 @@ def compute_copy(hidden_states: torch.Tensor) -> tuple[torch.Tensor, bool]:
 
 def row_scale(work: torch.Tensor, eps: float, width: int, row_sum: torch.Tensor | None = None) -> torch.Tensor:
     """1 / sqrt((‖x‖² + row_sum²) / width + ε) per row (keepdim), from one reduction and two calls
-    on one value per row. A CRMSNorm passes the sum of its row (MATH.md "Pre-CRMSNorm")."""
+    on one value per row. A CRMSNorm passes the sum of its row (docs/math.md "Pre-CRMSNorm")."""
     norm = torch.linalg.vector_norm(work, dim=-1, keepdim=True)
     scale = torch.addcmul(_epsilon(eps, norm), norm, norm, value=1 / width)
     if row_sum is not None:
@@ -133,7 +133,7 @@ class PrenormCRMSNorm(nn.Module):
     """CRMSNorm(x̃) = x̃ / sqrt((Σ x̃² + (Σ x̃)²) / d + ε) on the (d-1)-wide compressed stream.
 
     It returns the first d-1 components of the affine-free RMSNorm of the zero-mean x = [x̃, -Σ x̃]
-    (MATH.md "Pre-CRMSNorm"); γ and β are always folded into the readers. Both sums are taken in
+    (docs/math.md "Pre-CRMSNorm"); γ and β are always folded into the readers. Both sums are taken in
     float32 (or wider) whatever the input dtype, and the result is rounded once to it.
     """
 

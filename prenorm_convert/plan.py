@@ -7,31 +7,21 @@ model tree is checked against the spec before anything is planned.
 
 from __future__ import annotations
 
-import logging
-from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from .checkpoint import SourceCheckpoint
-from .errors import BadInputError, CorruptCheckpointError, SpecError, UnsupportedModelError, option
+from .dtype_checks import check_float_dtypes, check_not_quantized, quantized_hint
+from .errors import BadInputError, CorruptCheckpointError, SpecError, UnsupportedModelError
+from .meta_model import build_meta_model, check_resized_forward
 from .row_blocks import DEFAULT_BLOCK_BYTES
 from .safetensors_io import DTYPES, element_size
 from .spec import FamilySpec, expand, expand_group
-from .transform import STEPS
+from .structure import check_structure, module_at
+from .transform import output_shape
 
 TARGETS = ("rmsnorm", "crmsnorm")
-# stored dtypes of parameters a conversion accepts (safetensors names): the rewrite runs in float64
-# and rounds once into one of these; integer and float8 weights are quantized and refused
-FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
-QUANT_CONFIG_KEYS = ("quantization_config", "compression_config")
-DEQUANTIZE = (
-    "dequantize it to float16/bfloat16/float32 first (e.g. load it with transformers, call model.dequantize() "
-    "where its quantization method has one, and save_pretrained the result), or convert the unquantized original"
-)
-# stem-norm hooks a spec may name (MATH.md "norm on the main branch itself")
-STEM_HOOKS = {"bake_layernorm"}
 
 
 @dataclass(frozen=True)
@@ -81,7 +71,7 @@ class ConversionPlan:
 
     @property
     def residual_width(self) -> int:
-        """Width of the residual stream in the converted model (MATH.md "Pre-CRMSNorm": d-1)."""
+        """Width of the residual stream in the converted model (docs/math.md "Pre-CRMSNorm": d-1)."""
         return self.hidden_size - 1 if self.target == "crmsnorm" else self.hidden_size
 
     @property
@@ -111,141 +101,6 @@ def _numel(shape) -> int:
     return numel
 
 
-def check_not_quantized(config: dict) -> None:
-    """A config.json that declares quantized weights (GPTQ, AWQ, bitsandbytes, fp8, compressed-tensors,
-    ...) is refused before anything is read: those weights are not the float matrices the rewrite
-    is exact for."""
-    for key in QUANT_CONFIG_KEYS:
-        block = config.get(key)
-        if block is None:
-            continue
-        method = block.get("quant_method") or block.get("format") if isinstance(block, dict) else None
-        if method is None and isinstance(block, dict) and (block.get("load_in_8bit") or block.get("load_in_4bit")):
-            method = "bitsandbytes"
-        method = " ".join(str(method or "unknown").split())[:40]
-        raise UnsupportedModelError(
-            f"config.json has a {key} block (quant_method {method}): the checkpoint is quantized, and "
-            f"prenorm-convert rewrites float16/bfloat16/float32/float64 weights only; {DEQUANTIZE}"
-        )
-
-
-def _dtype_option(value: str) -> str:
-    """--dtype VALUE as the caller spells it (the CLI's flag, or the Python keyword)."""
-    return f"--dtype {value}" if option("--dtype").startswith("--") else f"dtype='{value}'"
-
-
-def _dtype_word(name: str) -> str:
-    """'I8' -> 'int8 (I8)': the torch name a user knows, and the safetensors one the file has."""
-    return f"{str(DTYPES[name]).removeprefix('torch.')} ({name})" if name in DTYPES else name
-
-
-def parse_dtype(name: str) -> torch.dtype | None:
-    names = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    if name not in names:
-        raise BadInputError(f"--dtype must be one of {', '.join(names)}, got '{name}'")
-    return names[name]
-
-
-def build_meta_model(config: dict):
-    """The stock transformers model for this config, on the meta device (no memory)."""
-    import transformers
-
-    try:
-        config_object = transformers.AutoConfig.for_model(**config)
-        with torch.device("meta"):
-            return transformers.AutoModelForCausalLM.from_config(config_object)
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BadInputError(f"transformers cannot build a model from this config.json ({reason}); fix or re-download it") from None
-
-
-# -- structural checks ("Structural checks beat name lists", FAMILIES.md) ------------------------
-
-
-def _module(model: nn.Module, path: str, spec: FamilySpec) -> nn.Module:
-    try:
-        return model.get_submodule(path)
-    except AttributeError:
-        raise UnsupportedModelError(
-            f"{spec.source_file} names module '{path}', which the installed transformers' "
-            f"{type(model).__name__} does not have; this transformers version is not supported for {spec.family}"
-        ) from None
-
-
-def _in_out(module: nn.Module) -> tuple[int, int] | None:
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    if type(module).__name__ == "Conv1D":
-        return module.nx, module.nf
-    return None
-
-
-def _has_module(model: nn.Module, path: str) -> bool:
-    try:
-        model.get_submodule(path)
-    except AttributeError:  # absent, or an attribute set to None (e.g. OPT's project_in)
-        return False
-    return True
-
-
-def _check_linear(model, path, spec, d, reads: bool) -> nn.Module:
-    module = _module(model, path, spec)
-    dims = _in_out(module)
-    layout = spec.layout_of(path)
-    expected_type = "Linear" if layout == "linear" else "Conv1D"
-    if dims is None or type(module).__name__ != expected_type or (dims[0] if reads else dims[1]) != d:
-        raise UnsupportedModelError(
-            f"{spec.source_file} declares '{path}' as a {expected_type} {'reading' if reads else 'writing'} the "
-            f"{d}-wide residual stream, but the model has {module}; refusing to convert silently wrong"
-        )
-    return module
-
-
-def check_structure(model: nn.Module, spec: FamilySpec, d: int, num_layers: int) -> None:
-    for template in spec.embeddings:
-        for path in expand(template, num_layers):
-            module = _module(model, path, spec)
-            if not isinstance(module, nn.Embedding) or module.embedding_dim != d:
-                raise UnsupportedModelError(f"{spec.source_file}: '{path}' is not a {d}-wide embedding ({module})")
-    norm_templates = [group.norm for group in spec.norms] + [stem.norm for stem in spec.stem_norms]
-    for template in norm_templates:
-        for path in expand(template, num_layers):
-            module = _module(model, path, spec)
-            if not isinstance(module, nn.LayerNorm) or tuple(module.normalized_shape) != (d,):
-                raise UnsupportedModelError(
-                    f"{spec.source_file}: '{path}' should be a LayerNorm over {d} features, found {module}"
-                )
-    for group in spec.norms:
-        for template in group.readers:
-            for path in expand(template, num_layers):
-                _check_linear(model, path, spec, d, reads=True)
-    for template in spec.writers:
-        for path in expand(template, num_layers):
-            _check_linear(model, path, spec, d, reads=False)
-    for template in spec.switched_off_writers:
-        for path in expand(template, num_layers):
-            if _has_module(model, path):
-                raise UnsupportedModelError(
-                    f"the model has '{path}', which {spec.source_file} expects only under another config; "
-                    "refusing to leave a writer of the residual stream unconverted"
-                )
-    # anything d-wide that embeds token ids writes the main branch: it must be declared (and centered)
-    embeddings = {path for template in spec.embeddings for path in expand(template, num_layers)}
-    stray = [name for name, module in model.named_modules() if isinstance(module, nn.Embedding) and module.embedding_dim == d and name not in embeddings]
-    if stray:
-        raise UnsupportedModelError(
-            f"the model has {d}-wide embedding(s) {stray[:3]} that {spec.source_file} does not declare; "
-            "refusing to leave a writer of the residual stream unconverted"
-        )
-    declared = {path for template in norm_templates for path in expand(template, num_layers)}
-    stray = [name for name, module in model.named_modules() if isinstance(module, nn.LayerNorm) and name not in declared]
-    if stray:
-        raise UnsupportedModelError(
-            f"the model has LayerNorm module(s) {stray[:3]} that {spec.source_file} does not describe; "
-            "refusing to convert a structure the spec does not cover"
-        )
-
-
 # -- planning --------------------------------------------------------------------------------
 
 
@@ -267,7 +122,7 @@ class _Planner:
         # sizes and spec conditions read the parsed config: defaults filled in, legacy names
         # (e.g. BLOOM's n_embed) mapped by transformers
         self.spec = spec = spec.resolve(model.config)
-        settings = model.config.to_dict()
+        self.settings = settings = model.config.to_dict()
         self.d = spec.hidden_size(settings)
         self.L = spec.num_layers(settings)
         # crmsnorm: d-1 features, stored zero-padded to a multiple of --pad-to if asked
@@ -280,7 +135,7 @@ class _Planner:
         check_structure(model, spec, self.d, self.L)
         self.params = dict(model.named_parameters(remove_duplicate=False))
         self.stored = self._map_stored_keys()
-        self._check_dtypes()
+        check_float_dtypes([self.source.tensors[key] for key in self.stored.values()], self.dtype)
         self._check_shapes()
         self._read_table_from_a_head_stored_alone()
         self.ops: list[TensorOp] = []
@@ -302,39 +157,12 @@ class _Planner:
             elif canonical not in ignored:
                 unknown.append(stored)
         if unknown:
-            quantized = sorted({self.source.tensors[key].dtype for key in unknown} - set(FLOAT_DTYPES))
-            hint = (
-                f" (some are stored as {', '.join(quantized)}: a quantized checkpoint? {DEQUANTIZE})" if quantized else ""
-            )
+            hint = quantized_hint(self.source.tensors[key].dtype for key in unknown)
             raise UnsupportedModelError(
                 f"the checkpoint holds tensor(s) {unknown[:3]}{' …' if len(unknown) > 3 else ''} that a "
                 f"{self.spec.family} model built from its config.json does not have; config and weights disagree{hint}"
             )
         return mapping
-
-    def _check_dtypes(self) -> None:
-        """Every tensor planned as a parameter (read, rewritten or copied) is floating point of a
-        dtype the float64 rewrite can round back into; buffers the plan drops (GPT-2's bool attn.bias
-        masks) are not parameters and are not looked at. With --dtype auto (keep the stored dtype),
-        the parameters must share one dtype: a converted checkpoint has one."""
-        params = [self.source.tensors[key] for key in self.stored.values()]
-        odd = [info for info in params if info.dtype not in FLOAT_DTYPES]
-        if odd:
-            first = odd[0]
-            more = f" (and {len(odd) - 1} more)" if len(odd) > 1 else ""
-            raise UnsupportedModelError(
-                f"tensor '{first.name}'{more} is stored as {_dtype_word(first.dtype)}, and prenorm-convert rewrites "
-                f"float16/bfloat16/float32/float64 weights only (integer and float8 weights are quantized: rewriting them "
-                f"would round the result to garbage); {DEQUANTIZE}"
-            )
-        counts = Counter(info.dtype for info in params)
-        if self.dtype is None and len(counts) > 1:
-            listed = ", ".join(f"{_dtype_word(name)}: {count}" for name, count in counts.most_common())
-            raise BadInputError(
-                f"the checkpoint stores its parameters in more than one dtype ({listed} tensors), and --dtype auto keeps "
-                f"the stored dtype, which must then be one; pass {_dtype_option('float32')} (exact: every tensor widened), "
-                f"or {_dtype_option('bfloat16')} / {_dtype_option('float16')} to store every tensor in that dtype"
-            )
 
     def _check_shapes(self) -> None:
         """Every stored tensor has the shape the model built from config.json gives its parameter."""
@@ -364,7 +192,7 @@ class _Planner:
     # ops -----------------------------------------------------------------------------------
     def add(self, name: str, role: str, inputs: dict[str, str], steps: list[tuple[str, dict]], dtype_from: str | None = None):
         shapes = {arg: tuple(self.source.tensors[key].shape) for arg, key in inputs.items()}
-        shape = _infer_shape(shapes, steps)
+        shape = output_shape(steps, shapes)
         stored = self.stored_dtype(dtype_from or name)
         out_dtype = self.dtype if (self.dtype is not None and stored.is_floating_point) else stored
         if name in self.done:
@@ -377,21 +205,32 @@ class _Planner:
         return (weight if self.has(weight) else None), (bias if self.has(bias) else None)
 
     def plan(self) -> ConversionPlan:
+        tied, head_stored_apart = self._head_tie()
+        self._plan_embeddings()
+        self._plan_writers()
+        self._plan_norms(tied)
+        self._plan_the_rest()
+        return self._assemble(tied, head_stored_apart)
+
+    def _head_tie(self) -> tuple[bool, bool]:
+        """(the head is untied from the embedding, the config ties a head the file stores apart).
+
+        A tied head is computed from the embedding (when transformers ties them: _head_is_table):
+        the head reads the embedding's key and is written untied. It is untied only if the
+        conversion rewrites the shared table or the head (docs/math.md "Tied embeddings"); OPT with
+        project_in keeps both embed_tokens and the head, and their tie."""
         spec, L = self.spec, self.L
-        # A tied head is computed from the embedding (when transformers ties them: _head_is_table):
-        # the head reads the embedding's key and is written untied. It is untied only if the
-        # conversion rewrites the shared table or the head (MATH.md "Tied embeddings"); OPT with
-        # project_in keeps both embed_tokens and the head, and their tie.
         rewritten = {m for t in spec.embeddings for m in expand(t, L)} | {
             reader for group in spec.norms for _, readers in expand_group(group, L) for reader in readers
         }
-        config_tied = spec.is_tied(self.source.config)
+        config_tied = spec.is_tied(self.settings)
         head_is_table = config_tied and self._head_is_table()
-        tied = head_is_table and bool({spec.head, spec.head_tied_to} & rewritten)
-        head_stored_apart = config_tied and not head_is_table
+        return head_is_table and bool({spec.head, spec.head_tied_to} & rewritten), config_tied and not head_is_table
+
+    def _plan_embeddings(self) -> None:
+        spec, L = self.spec, self.L
         stem_embeddings = {stem.embedding: stem for stem in spec.stem_norms}
         compress = self.target == "crmsnorm"
-
         for template in spec.embeddings:
             for module in expand(template, L):
                 name = f"{module}.weight"
@@ -401,7 +240,7 @@ class _Planner:
                     stem = stem_embeddings[module]
                     gamma, beta = self.norm_params(stem.norm)
                     inputs = {"table": self.key(name), "gamma": self.key(gamma), "beta": self.key(beta)}
-                    steps.append((stem.hook, {"eps": float(_module(self.model, stem.norm, spec).eps)}))
+                    steps.append((stem.hook, {"eps": float(module_at(self.model, stem.norm, spec).eps)}))
                     self.removed.append(stem.norm)
                     self.done.update({gamma, beta})
                 steps.append(("center_rows", {}))
@@ -409,6 +248,9 @@ class _Planner:
                     steps += self._compressed("feature")
                 self.add(name, "embedding", inputs, steps)
 
+    def _plan_writers(self) -> None:
+        spec, L = self.spec, self.L
+        compress = self.target == "crmsnorm"
         for template in spec.writers:
             for module in expand(template, L):
                 layout = spec.layout_of(module)
@@ -419,8 +261,10 @@ class _Planner:
                     steps = [("center_vector", {})] + (self._compressed("feature") if compress else [])
                     self.add(bias, "writer", {"x": self.key(bias)}, steps)
 
-        for group in spec.norms:
-            for norm, readers in expand_group(group, L):
+    def _plan_norms(self, tied: bool) -> None:
+        compress = self.target == "crmsnorm"
+        for group in self.spec.norms:
+            for norm, readers in expand_group(group, self.L):
                 gamma, beta = self.norm_params(norm)
                 width = self.d - 1 if compress else self.d
                 self.norms[norm] = {"kind": self.target, "affine": not self.fold and gamma is not None, "bias": beta is not None, "width": width}
@@ -433,6 +277,8 @@ class _Planner:
                 for reader in readers:
                     self._plan_reader(reader, gamma, beta, tied)
 
+    def _plan_the_rest(self) -> None:
+        """Every other stored parameter is copied; a parameter neither planned nor tied is missing."""
         for name in self.params:
             if name not in self.done and self.has(name):
                 self.add(name, "other", {"x": self.key(name)}, [("identity", {})])
@@ -440,6 +286,7 @@ class _Planner:
         if missing:
             raise CorruptCheckpointError(f"the checkpoint is missing tensor(s) {missing[:3]}; re-download it")
 
+    def _assemble(self, tied: bool, head_stored_apart: bool) -> ConversionPlan:
         dropped = [key for key in self.source.tensors if key not in {k for op in self.ops for k in op.inputs.values()}]
         stored_dtype = self.source.stored_dtype()
         resized = {
@@ -448,11 +295,11 @@ class _Planner:
             if op.name in self.params and tuple(op.shape) != tuple(self.params[op.name].shape)
         }
         plan = ConversionPlan(
-            spec=spec,
+            spec=self.spec,
             target=self.target,
             fold_affine=self.fold,
             hidden_size=self.d,
-            num_layers=L,
+            num_layers=self.L,
             ops=self._ordered(),
             dropped=dropped,
             untied_head=tied,
@@ -478,7 +325,7 @@ class _Planner:
         save_model keeps the name that sorts first): transformers fills the table from the head, so
         the table is read from the head's key, and the file is planned as if it stored the table."""
         head, table = f"{self.spec.head}.weight", f"{self.spec.head_tied_to}.weight"
-        if self.spec.is_tied(self.source.config) and self.has(head) and not self.has(table):
+        if self.spec.is_tied(self.settings) and self.has(head) and not self.has(table):
             self.stored[table] = self.stored.pop(head)
 
     def _head_is_table(self) -> bool:
@@ -520,7 +367,7 @@ class _Planner:
             self.add(bias, "reader", {"x": self.key(bias)}, [("identity", {})])
 
     def _compressed(self, axis: str, layout: str | None = None) -> list[tuple[str, dict]]:
-        """Steps that take a tensor's stream axis from d to d-1 (MATH.md "Pre-CRMSNorm"), then zero-pad it
+        """Steps that take a tensor's stream axis from d to d-1 (docs/math.md "Pre-CRMSNorm"), then zero-pad it
         to the stored stream width when --pad-to asks for an aligned one."""
         compress, pad = {
             "feature": ("drop_last_feature", "zero_pad_feature"),
@@ -559,17 +406,6 @@ def _nonzero(tensor: torch.Tensor) -> bool:
     return bool(torch.any(tensor != 0))
 
 
-def _infer_shape(shapes: dict[str, tuple[int, ...]], steps) -> tuple[int, ...]:
-    """Run the steps on meta tensors to learn the output shape without touching data."""
-    value = None
-    for index, (name, params) in enumerate(steps):
-        if index == 0:
-            value = STEPS[name](**{arg: torch.empty(shape, device="meta", dtype=torch.float64) for arg, shape in shapes.items()}, **params)
-        else:
-            value = STEPS[name](value, **params)
-    return tuple(value.shape)
-
-
 def make_plan(
     source: SourceCheckpoint,
     spec: FamilySpec,
@@ -579,56 +415,3 @@ def make_plan(
     pad_to: int | None = None,
 ) -> ConversionPlan:
     return _Planner(source, spec, target, fold_affine, dtype, pad_to).plan()
-
-
-def swaps_block(plan: ConversionPlan) -> dict:
-    """The part of config.prenorm that the remote code (modeling.apply_prenorm_swaps) rebuilds from."""
-    return {
-        "target": plan.target,
-        "hidden_size": plan.hidden_size,
-        "residual_width": plan.residual_width,
-        "stream_width": plan.stream_width,
-        "norms": plan.norms,
-        "biased": plan.biased,
-        "removed": plan.removed,
-        "resized": plan.resized,
-    }
-
-
-def check_resized_forward(model: nn.Module, plan: ConversionPlan) -> None:
-    """Run one forward pass of the resized architecture with fake tensors (no memory, no data).
-
-    The family's transformers code may assume somewhere that the residual width equals hidden_size
-    (e.g. an accumulator made with ``zeros_like`` of a hidden_size-wide tensor); a shape error here
-    refuses the conversion up front instead of writing a checkpoint that cannot run. The stock model
-    runs first: if even it cannot run with fake tensors, nothing can be learned and the check is skipped.
-    """
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from .modeling import apply_prenorm_swaps
-
-    def forward() -> None:
-        fake_tensor_log = logging.getLogger("torch._subclasses.fake_tensor")  # logs every failed op at ERROR
-        level = fake_tensor_log.level
-        fake_tensor_log.setLevel(logging.CRITICAL)
-        try:
-            with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
-                model(input_ids=torch.zeros((1, 3), dtype=torch.long, device="meta"), use_cache=False)
-        finally:
-            fake_tensor_log.setLevel(level)
-
-    try:
-        forward()
-    except Exception:  # noqa: BLE001 - the stock model is not traceable this way; nothing to compare
-        return
-    with torch.device("meta"):
-        apply_prenorm_swaps(model, swaps_block(plan))
-    try:
-        forward()
-    except (RuntimeError, ValueError, IndexError, TypeError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UnsupportedModelError(
-            f"the {plan.target} target cannot run this {plan.spec.family} checkpoint: the installed transformers' "
-            f"{plan.base_model_class} assumes a {plan.hidden_size}-wide residual stream somewhere ({first_line}); "
-            "use --target rmsnorm, which keeps the width"
-        ) from None

@@ -1,8 +1,9 @@
-"""Run a plan entry block by block along rows, so that memory is a fixed budget, not the tensor.
+"""Run a plan entry, whole or block by block along rows, so that memory is a fixed budget, not the tensor.
 
 A step may be applied to a block of rows (the leading axis) of its input when it treats every
-row on its own: it neither reduces nor mixes along that axis. Per step and weight layout
-(MATH.md "Roles a tensor can have", "Folding the affine", "Pre-CRMSNorm"; Linear weights are
+row on its own: it neither reduces nor mixes along that axis. Each step's row rule is registered
+with it (transform.STEPS); per step and weight layout
+(docs/math.md "Roles a tensor can have", "Folding the affine", "Pre-CRMSNorm"; Linear weights are
 [out, in], Conv1D weights [in, out]):
 
 - embeddings (``center_rows``, ``bake_layernorm``, ``drop_last_feature``): one row per token — row-wise;
@@ -16,19 +17,20 @@ row on its own: it neither reduces nor mixes along that axis. Per step and weigh
   row-wise for Conv1D / Linear respectively;
 - ``center_vector`` averages a whole bias: never (biases are small).
 
-Anything else (a step not listed here, or one that is not row-wise for this layout) runs whole.
-Every block is computed in float64 and cast once, like the whole tensor (MATH.md "Numerics"),
+Anything else (a step without a row rule, or one that is not row-wise for this layout) runs whole.
+Every block is computed in float64 and cast once, like the whole tensor (docs/math.md "Numerics"),
 and gives bit-for-bit the same rows (tests/test_row_blocks.py).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections import OrderedDict
+from typing import Iterator
 
 import torch
 
 from .safetensors_io import DTYPE_NAMES
-from .transform import STEPS
+from .transform import STEPS, apply_steps
 
 # Two block sizes. I/O blocks: rows read, staged and handed to the writer at once, sized so that
 # one holds this many float64 bytes (the stored-dtype buffers are half or a quarter of it). Compute
@@ -37,37 +39,43 @@ from .transform import STEPS
 DEFAULT_BLOCK_BYTES = 64 * 2**20
 DEFAULT_COMPUTE_BYTES = 2**20
 
-RowRule = Callable[[dict, int], "tuple[str, ...] | None"]
 
 
-def _by_layout(linear: tuple[str, ...] | None, conv1d: tuple[str, ...] | None) -> RowRule:
-    return lambda params, ndim: linear if params["layout"] == "linear" else conv1d
+class RecentTensors:
+    """The last few float64 inputs: a reader's weight is read for its weight and again for its folded bias."""
+
+    def __init__(self, source, size: int = 2):
+        self.source, self.size = source, size
+        self.cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def get(self, key: str) -> torch.Tensor:
+        if key in self.cache:
+            self.cache.move_to_end(key)
+            return self.cache[key]
+        tensor = self.source.read(key).to(torch.float64)
+        self.cache[key] = tensor
+        if len(self.cache) > self.size:
+            self.cache.popitem(last=False)
+        return tensor
 
 
-def _if_matrix(args: tuple[str, ...]) -> RowRule:
-    return lambda params, ndim: args if ndim >= 2 else None
+def run_op(op, tensors: RecentTensors) -> torch.Tensor:
+    """Execute one plan entry whole, in float64, and cast once to the output dtype (docs/math.md "Numerics")."""
+    inputs = {arg: tensors.get(key) for arg, key in op.inputs.items()}
+    return apply_steps(op.steps, inputs).to(op.dtype)
 
 
-# step -> which of its inputs are sliced by rows when it is row-wise (the others are passed whole)
-ROW_WISE: dict[str, RowRule] = {
-    "identity": lambda params, ndim: ("x",),
-    "center_rows": _if_matrix(("x",)),
-    "bake_layernorm": _if_matrix(("table",)),
-    "drop_last_feature": _if_matrix(("x",)),
-    "center_writer_weight": _by_layout(linear=None, conv1d=("weight",)),
-    "fold_gamma": _by_layout(linear=("weight",), conv1d=("weight", "gamma")),
-    "fold_beta": _by_layout(linear=("weight", "bias"), conv1d=None),
-    "drop_last_output": _by_layout(linear=None, conv1d=("weight",)),
-    "merge_last_input": _by_layout(linear=("weight",), conv1d=None),
-}
-
-
-def apply_steps(steps, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The first step takes the named inputs; each later step takes the previous result."""
-    value = None
-    for index, (name, params) in enumerate(steps):
-        value = STEPS[name](**inputs, **params) if index == 0 else STEPS[name](value, **params)
-    return value
+def op_rows(op, source, workspace: "Workspace | None" = None, block_bytes: int = DEFAULT_BLOCK_BYTES) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first row, rows) of one plan entry's result: block by block when it is row-wise (memory stays
+    a fixed budget; a block is valid until the next one is asked for), else whole."""
+    sliced = sliced_inputs(op, {arg: source.tensors[key].shape for arg, key in op.inputs.items()})
+    if sliced is None:
+        yield 0, run_op(op, RecentTensors(source))
+        return
+    start = 0
+    for block in run_op_in_blocks(op, source, sliced, block_bytes, workspace):
+        yield start, block
+        start += block.shape[0]
 
 
 def stored_copy(op, source):
@@ -90,7 +98,7 @@ def sliced_inputs(op, shapes: dict[str, tuple[int, ...]]) -> tuple[str, ...] | N
     ndim = len(next(iter(shapes.values())))
     sliced: tuple[str, ...] | None = None
     for index, (name, params) in enumerate(op.steps):
-        rule = ROW_WISE.get(name)
+        rule = STEPS[name].rows if name in STEPS else None
         args = rule(params, ndim) if rule is not None else None
         if args is None:
             return None

@@ -1,23 +1,28 @@
-"""Family specs: declarative descriptions of where each tensor role lives (see FAMILIES.md).
+"""Family specs: declarative descriptions of where each tensor role lives (docs/families.md,
+docs/architecture.md "Spec format").
 
 A spec is a YAML file in ``prenorm_convert/configs``. Validation is strict: a missing or unknown
 key is an error naming the file and the key, so a typo never silently drops a role.
 
-An embedding, writer or reader entry is a module name, or ``{module: NAME, when: CONDITION}`` when
-the module's role depends on the config (OPT's project_in/project_out); ``FamilySpec.resolve``
-turns a spec into the plain-name spec of one model.
+An embedding, writer, reader or inner-norm entry is a module name, or ``{module: NAME, when:
+CONDITIONS}`` when the module's role depends on the config (OPT's project_in/project_out); a norm
+group may carry ``when:`` too (Falcon's layouts). CONDITIONS is one condition or a list of them,
+all of which must hold. ``FamilySpec.resolve`` turns a spec into the plain-name spec of one model,
+and records every entry it switched off: such a module must then be absent from the model (or
+active in another role, or off the residual stream), which check_structure verifies.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import Any, Union
 
 import yaml
 
-from .errors import SpecError, UnsupportedModelError
+from .errors import BadInputError, SpecError, UnsupportedModelError
 
 LAYER = "{L}"
 LAYOUTS = ("linear", "conv1d")
@@ -42,6 +47,10 @@ class Condition:
         right = _config_attribute(config, self.value) if self.value_is_config_key else self.value
         return (left == right) == self.equal
 
+    def describe(self) -> str:
+        value = self.value if self.value_is_config_key else json.dumps(self.value)
+        return f"{self.config_key}{'=' if self.equal else '!='}{value}"
+
 
 def _config_attribute(config: Any, key: str) -> Any:
     if not hasattr(config, key):
@@ -52,12 +61,17 @@ def _config_attribute(config: Any, key: str) -> Any:
     return getattr(config, key)
 
 
+def all_hold(conditions: tuple[Condition, ...], config: Any) -> bool:
+    return all(condition.holds(config) for condition in conditions)
+
+
 @dataclass(frozen=True)
 class Conditional:
-    """A spec entry (embedding, writer or reader) that applies only when ``when`` holds."""
+    """A spec entry (embedding, writer, reader or inner norm) that applies only when every
+    condition in ``when`` holds."""
 
     module: str
-    when: Condition
+    when: tuple[Condition, ...]
 
 
 Entry = Union[str, Conditional]
@@ -65,10 +79,12 @@ Entry = Union[str, Conditional]
 
 @dataclass(frozen=True)
 class NormGroup:
-    """One norm on the way from the main branch into a branch, and the linears that read it."""
+    """One norm on the way from the main branch into a branch, and the linears that read it; a
+    parallel block lists the attention's and the MLP's readers under one norm."""
 
     norm: str
     readers: tuple[Entry, ...]
+    when: tuple[Condition, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -82,9 +98,13 @@ class StemNorm:
 
 @dataclass(frozen=True)
 class Refusal:
-    config_key: str
-    equals: Any
+    """Refuse a checkpoint whose config object meets every condition in ``when``, saying ``why``."""
+
+    when: tuple[Condition, ...]
     why: str
+
+    def describe(self) -> str:
+        return " and ".join(condition.describe() for condition in self.when)
 
 
 @dataclass(frozen=True)
@@ -104,26 +124,49 @@ class FamilySpec:
     stem_norms: tuple[StemNorm, ...]
     ignore: tuple[str, ...]
     refuse: tuple[Refusal, ...]
+    # LayerNorms that never read the residual stream (e.g. Phi's per-head q/k norms): left as they are
+    inner_norms: tuple[Entry, ...] = ()
     source_file: str = field(default="", compare=False)
-    # after resolve(): the conditional writers whose condition did not hold (they must not exist)
-    switched_off_writers: tuple[str, ...] = field(default=(), compare=False)
+    # after resolve(): role -> the templates switched off by the config (check_structure: such a
+    # module is absent, active in another role, or off the residual stream)
+    switched_off: dict[str, tuple[str, ...]] = field(default_factory=dict, compare=False)
 
     def resolve(self, config: Any) -> "FamilySpec":
-        """This spec for one model: conditional entries kept (as plain names) where their condition
-        holds on ``config`` (the transformers config object), dropped elsewhere."""
+        """This spec for one model: conditional entries and norm groups kept (as plain names) where
+        their conditions hold on ``config`` (the config object of the model transformers builds),
+        dropped elsewhere and recorded in ``switched_off``."""
+
+        def on(entry: Entry) -> bool:
+            return isinstance(entry, str) or all_hold(entry.when, config)
 
         def active(entries: tuple[Entry, ...]) -> tuple[str, ...]:
-            return tuple(_entry_module(e) for e in entries if isinstance(e, str) or e.when.holds(config))
+            return tuple(_entry_module(e) for e in entries if on(e))
 
+        def off(entries) -> tuple[str, ...]:
+            return tuple(_entry_module(e) for e in entries if not on(e))
+
+        groups = [group for group in self.norms if all_hold(group.when, config)]
+        dropped = [group for group in self.norms if not all_hold(group.when, config)]
         return replace(
             self,
             embeddings=active(self.embeddings),
             writers=active(self.writers),
-            norms=tuple(NormGroup(group.norm, active(group.readers)) for group in self.norms),
-            switched_off_writers=tuple(
-                e.module for e in self.writers if isinstance(e, Conditional) and not e.when.holds(config)
-            ),
+            inner_norms=active(self.inner_norms),
+            norms=tuple(NormGroup(group.norm, active(group.readers)) for group in groups),
+            switched_off={
+                "embedding": off(self.embeddings),
+                "writer": off(self.writers),
+                "inner norm": off(self.inner_norms),
+                "norm": tuple(group.norm for group in dropped),
+                "reader": tuple(
+                    _entry_module(r) for group in self.norms for r in group.readers if group in dropped or not on(r)
+                ),
+            },
         )
+
+    def refusal_for(self, config: Any) -> Refusal | None:
+        """The first refuse rule whose conditions all hold on the config object, if any."""
+        return next((rule for rule in self.refuse if all_hold(rule.when, config)), None)
 
     # -- config access -------------------------------------------------------------------
     def config_value(self, config: dict, role: str, default: Any = None) -> Any:
@@ -195,6 +238,7 @@ _SPEC_KEYS = {
     "ignore": list,
     "refuse": list,
 }
+_OPTIONAL_SPEC_KEYS = {"inner_norms": list}
 _CONFIG_ROLES = {"hidden_size", "num_layers", "tie_word_embeddings"}
 
 
@@ -210,10 +254,19 @@ def _require_keys(where: str, data: Any, required: dict[str, type], optional: di
         raise SpecError(f"{where}: missing key(s) {sorted(missing)}")
     for key, kind in {**required, **optional}.items():
         if key in data and not isinstance(data[key], kind):
-            raise SpecError(f"{where}: key '{key}' must be a {kind.__name__}, got {type(data[key]).__name__}")
+            names = " or ".join(k.__name__ for k in kind) if isinstance(kind, tuple) else kind.__name__
+            raise SpecError(f"{where}: key '{key}' must be a {names}, got {type(data[key]).__name__}")
 
 
 _CONDITION_TESTS = {"equals": (True, False), "differs_from": (False, False), "equals_config_key": (True, True), "differs_from_config_key": (False, True)}
+
+
+def _parse_when(where: str, data: Any) -> tuple[Condition, ...]:
+    """One condition (a mapping) or a non-empty list of them, all of which must hold."""
+    items = data if isinstance(data, list) else [data]
+    if not items:
+        raise SpecError(f"{where}: give at least one condition")
+    return tuple(_parse_condition(f"{where}[{i}]" if isinstance(data, list) else where, item) for i, item in enumerate(items))
 
 
 def _parse_condition(where: str, data: Any) -> Condition:
@@ -234,8 +287,8 @@ def _parse_entries(where: str, entries: list) -> tuple[Entry, ...]:
         if isinstance(entry, str):
             parsed.append(entry)
             continue
-        _require_keys(f"{where}[{i}]", entry, {"module": str, "when": dict})
-        parsed.append(Conditional(entry["module"], _parse_condition(f"{where}[{i}].when", entry["when"])))
+        _require_keys(f"{where}[{i}]", entry, {"module": str, "when": (dict, list)})
+        parsed.append(Conditional(entry["module"], _parse_when(f"{where}[{i}].when", entry["when"])))
     return tuple(parsed)
 
 
@@ -244,7 +297,7 @@ def _entry_module(entry: Entry) -> str:
 
 
 def parse_spec(data: Any, source_file: str) -> FamilySpec:
-    _require_keys(source_file, data, _SPEC_KEYS)
+    _require_keys(source_file, data, _SPEC_KEYS, _OPTIONAL_SPEC_KEYS)
     config_keys = data["config_keys"]
     if set(config_keys) != _CONFIG_ROLES:
         raise SpecError(f"{source_file}: config_keys must name exactly {sorted(_CONFIG_ROLES)}, got {sorted(config_keys)}")
@@ -252,19 +305,26 @@ def parse_spec(data: Any, source_file: str) -> FamilySpec:
         raise SpecError(f"{source_file}: layout must be one of {LAYOUTS}, got '{data['layout']}'")
     norms = []
     for i, group in enumerate(data["norms"]):
-        _require_keys(f"{source_file}: norms[{i}]", group, {"norm": str, "readers": list})
+        _require_keys(f"{source_file}: norms[{i}]", group, {"norm": str, "readers": list}, {"when": (dict, list)})
         readers = _parse_entries(f"{source_file}: norms[{i}].readers", group["readers"])
         if LAYER not in group["norm"] and any(LAYER in _entry_module(reader) for reader in readers):
             raise SpecError(f"{source_file}: norms[{i}]: readers use '{LAYER}' but the norm '{group['norm']}' does not")
-        norms.append(NormGroup(group["norm"], readers))
+        when = _parse_when(f"{source_file}: norms[{i}].when", group["when"]) if "when" in group else ()
+        norms.append(NormGroup(group["norm"], readers, when))
     stems = []
     for i, stem in enumerate(data["stem_norms"]):
         _require_keys(f"{source_file}: stem_norms[{i}]", stem, {"norm": str, "embedding": str, "hook": str})
+        from .transform import stem_hooks  # the step registry (torch), needed only by a spec with stem norms
+
+        if stem["hook"] not in stem_hooks():
+            raise SpecError(
+                f"{source_file}: stem_norms[{i}].hook: unknown hook '{stem['hook']}'; known hooks: {', '.join(stem_hooks())}"
+            )
         stems.append(StemNorm(stem["norm"], stem["embedding"], stem["hook"]))
     refusals = []
     for i, rule in enumerate(data["refuse"]):
-        _require_keys(f"{source_file}: refuse[{i}]", rule, {"config_key": str, "equals": object, "why": str})
-        refusals.append(Refusal(rule["config_key"], rule["equals"], rule["why"]))
+        _require_keys(f"{source_file}: refuse[{i}]", rule, {"when": (dict, list), "why": str})
+        refusals.append(Refusal(_parse_when(f"{source_file}: refuse[{i}].when", rule["when"]), rule["why"]))
     head = data["head"]
     _require_keys(f"{source_file}: head", head, {"module": str}, {"tied_to": str})
     aliases = []
@@ -288,6 +348,7 @@ def parse_spec(data: Any, source_file: str) -> FamilySpec:
         stem_norms=tuple(stems),
         ignore=tuple(data["ignore"]),
         refuse=tuple(refusals),
+        inner_norms=_parse_entries(f"{source_file}: inner_norms", data.get("inner_norms", [])),
         source_file=source_file,
     )
 
@@ -326,6 +387,18 @@ def load_not_convertible() -> dict[str, str]:
     return reasons
 
 
+def config_object(config: dict):
+    """The config object transformers builds from a config.json (defaults filled in, legacy names
+    mapped): what spec conditions read."""
+    import transformers
+
+    try:
+        return transformers.AutoConfig.for_model(**config)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BadInputError(f"transformers cannot build a model from this config.json ({reason}); fix or re-download it") from None
+
+
 def supported_families_line() -> str:
     return ", ".join(f"{s.family} ({'/'.join(s.architectures)})" for s in load_specs())
 
@@ -341,9 +414,9 @@ def match_spec(config: dict) -> FamilySpec:
                     f"cannot convert architecture {'/'.join(architectures)}: for the {spec.family} family only "
                     f"{'/'.join(spec.architectures)} checkpoints are supported"
                 )
-            for rule in spec.refuse:
-                if config.get(rule.config_key) == rule.equals:
-                    raise UnsupportedModelError(f"cannot convert this {spec.family} checkpoint: {rule.why}")
+            rule = spec.refusal_for(config_object(config))
+            if rule is not None:
+                raise UnsupportedModelError(f"cannot convert this {spec.family} checkpoint: {rule.why}")
             return spec
     reason = load_not_convertible().get(model_type)
     name = model_type or "/".join(architectures) or "unknown"

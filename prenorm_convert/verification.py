@@ -1,8 +1,8 @@
 """Prove equivalence: run the original and the converted checkpoint on the same prompts.
 
-Metrics (DESIGN.md report contract) compare the converted model's logits with a reference: the
+Metrics (the report contract, docs/report.md) compare the converted model's logits with a reference: the
 original in float32. In float32 the bar is float32 noise. In float16/bfloat16 the bar is that the
-conversion adds no error beyond what the dtype itself costs (MATH.md "Numerics"): running in it
+conversion adds no error beyond what the dtype itself costs (docs/math.md "Numerics"): running in it
 (the original, run in that dtype) and storing the rewritten tensors in it (rounded_weights_error).
 """
 
@@ -303,7 +303,7 @@ def compare_logits(reference: list[torch.Tensor], candidate: list[torch.Tensor])
 
 @torch.no_grad()
 def rounded_weights_error(original: Path, converted: Path, prompts: list[torch.Tensor], allow_pickle: bool = False) -> dict:
-    """What storing the rewritten tensors in the converted dtype costs by itself (MATH.md "Numerics").
+    """What storing the rewritten tensors in the converted dtype costs by itself (docs/math.md "Numerics").
 
     The conversion recomputes every rewritten tensor in float64 and rounds it once; the original
     never had those values to round. Measured here on the converted architecture, run in float32:
@@ -313,8 +313,8 @@ def rounded_weights_error(original: Path, converted: Path, prompts: list[torch.T
     cost of rounding and nothing else: a wrong rewrite is the same in both and shows up only in
     the comparison with the original."""
     from .checkpoint import SourceCheckpoint
-    from .conversion import op_rows
     from .plan import make_plan
+    from .row_blocks import op_rows
     from .spec import match_spec
 
     block = converted_folder_config(converted)["prenorm"]
@@ -374,7 +374,7 @@ def residual_mean_max(model, prompts: list[torch.Tensor]) -> float:
         stream = args[0]
         padding = None
         if block["target"] == "crmsnorm":
-            # compressed stream, MATH.md "Pre-CRMSNorm": its implied last component is x_d = -Σ x̃.
+            # compressed stream, docs/math.md "Pre-CRMSNorm": its implied last component is x_d = -Σ x̃.
             # Rebuild it in the stream's own dtype, as a full-width stream would hold it, and measure
             # the full vector like any other: what remains is that dtype's rounding. Zero padding
             # (--pad-to) must stay exactly zero; whatever it holds counts against the stream too.
@@ -414,7 +414,7 @@ def verify(
     allow_pickle: bool = False,
     reporter: Reporter = SILENT,
 ) -> dict:
-    """Compare a converted folder with its original; returns the report dict (see DESIGN.md).
+    """Compare a converted folder with its original; returns the report dict (see docs/report.md).
 
     ORIGINAL may be a hub id; without `revision` it is read at the commit CONVERTED records, if any.
     An original stored only as pickled *.bin files is refused unless ``allow_pickle`` (transformers

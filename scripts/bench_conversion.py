@@ -62,7 +62,7 @@ for name in ("config.json", "model.safetensors.index.json"):
 # what each command costs before it touches a tensor: interpreter, imports (the converter also builds
 # the model skeleton on the meta device, importing transformers' modeling code)
 CONVERT_STARTUP = REPORT_PEAK + (
-    "import sys, json; from prenorm_convert import cli, conversion; from prenorm_convert.plan import build_meta_model; "
+    "import sys, json; from prenorm_convert import cli, conversion; from prenorm_convert.meta_model import build_meta_model; "
     "build_meta_model(json.load(open(sys.argv[1])))"
 )
 COPY_STARTUP = REPORT_PEAK + "import safetensors.torch"

@@ -3,7 +3,7 @@
 Builds one random GPT-2-shaped checkpoint (default: GPT-2 small, d=768, 12 layers, vocab 50257),
 converts it with the real converter to `rmsnorm`, `rmsnorm --fold-affine`, `crmsnorm` and
 `crmsnorm --pad-to N` (the d-1 wide stream zero-padded back to an aligned width, the paper's
-suggestion; MATH.md "Pre-CRMSNorm"). Every variant is checked against the original's logits,
+suggestion; docs/math.md "Pre-CRMSNorm"). Every variant is checked against the original's logits,
 then timed in interleaved rounds (one forward of each per round), so that drift of the machine hits
 all of them alike; ratios are medians of the per-round ratios to the original.
 

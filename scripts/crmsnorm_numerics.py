@@ -2,7 +2,7 @@
 
 For each example family (and a wider GPT-2), converts to rmsnorm, rmsnorm --fold-affine and
 crmsnorm in each output dtype and prints the verify report's error against the float32 original;
-for reduced dtypes, next to the original model's own error in that dtype (MATH.md "Numerics").
+for reduced dtypes, next to the original model's own error in that dtype (docs/math.md "Numerics").
 
     python scripts/crmsnorm_numerics.py [--dtypes float32 bfloat16 float16]
 """

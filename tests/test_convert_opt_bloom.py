@@ -132,7 +132,7 @@ def test_opt_embeddings_centered_every_position_row_and_head_untied(converted):
     expected = original.model.decoder.embed_positions.weight.double()
     torch.testing.assert_close(positions.double(), expected - expected.mean(-1, keepdim=True), rtol=0, atol=1e-6)
     assert row_mean_ratio(written["model.decoder.embed_tokens.weight"]) < 1e-6
-    # the tied head keeps the original table (MATH.md "Tied embeddings")
+    # the tied head keeps the original table (docs/math.md "Tied embeddings")
     assert torch.equal(written["lm_head.weight"], original.model.decoder.embed_tokens.weight)
     out_config = json.loads((out / "config.json").read_text())
     assert out_config["tie_word_embeddings"] is False and out_config["prenorm"]["untied_head"] is True
@@ -284,9 +284,9 @@ def test_families_lists_opt_and_bloom_with_their_refusals():
     rows = {row["family"]: row for row in json.loads(result.stdout)["families"]}
     assert {"gpt2", "opt", "bloom"} <= set(rows)
     assert rows["opt"]["architectures"] == ["OPTForCausalLM"]
-    assert any(rule.startswith("do_layer_norm_before=False") for rule in rows["opt"]["refuses"])
-    assert any(rule.startswith("_remove_final_layer_norm=True") for rule in rows["opt"]["refuses"])
-    assert any(rule.startswith("apply_residual_connection_post_layernorm=True") for rule in rows["bloom"]["refuses"])
+    assert any(rule.startswith("do_layer_norm_before=false") for rule in rows["opt"]["refuses"])
+    assert any(rule.startswith("_remove_final_layer_norm=true") for rule in rows["opt"]["refuses"])
+    assert any(rule.startswith("apply_residual_connection_post_layernorm=true") for rule in rows["bloom"]["refuses"])
     assert rows["bloom"]["stem_norms"] == ["transformer.word_embeddings_layernorm"]
     text = run_cli("families")
     assert text.exit_code == 0 and "opt" in text.stdout and "bloom" in text.stdout

@@ -1,4 +1,4 @@
-"""float64 unit tests of Pre-CRMSNorm (MATH.md "Pre-CRMSNorm: lossless compression to d−1").
+"""float64 unit tests of Pre-CRMSNorm (docs/math.md "Pre-CRMSNorm: lossless compression to d−1").
 
 Every tensor here is created with an explicit dtype: another test module changes torch's default.
 """

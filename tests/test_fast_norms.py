@@ -1,4 +1,4 @@
-"""The fast RMSNorm path of the remote code (modeling.rms_norm) against the formula of MATH.md.
+"""The fast RMSNorm path of the remote code (modeling.rms_norm) against the formula of docs/math.md.
 
 RMSNorm(x) = γ ⊙ x / sqrt(mean(x²) + ε) + β, evaluated here in float64 as the reference. The
 fast path must be that function for any input — including inputs that are not zero-mean, where
@@ -86,7 +86,7 @@ def test_input_is_never_written(dtype):
 
 
 def test_it_is_rmsnorm_not_layernorm():
-    """On a stream with a mean, RMSNorm and LayerNorm differ; on a centred one they agree (MATH.md)."""
+    """On a stream with a mean, RMSNorm and LayerNorm differ; on a centred one they agree (docs/math.md)."""
     x, weight, bias = inputs(torch.float64)
     layer_norm = torch.nn.functional.layer_norm(x, (x.shape[-1],), weight, bias, EPS)
     assert (rms_norm(x, weight, bias, EPS) - layer_norm).abs().max() > 1e-2

@@ -119,9 +119,11 @@ def test_float32_tolerance_follows_the_originals_own_error_on_a_wide_prompt_set(
 
 
 def test_a_wrong_rewrite_still_fails_the_float32_gate(gpt2_dir, tmp_path, monkeypatch):
+    from dataclasses import replace
+
     from prenorm_convert import transform
 
-    monkeypatch.setitem(transform.STEPS, "center_rows", lambda x: x)  # embeddings left uncentred
+    monkeypatch.setitem(transform.STEPS, "center_rows", replace(transform.STEPS["center_rows"], fn=lambda x: x))  # embeddings left uncentred
     result = run_cli("convert", gpt2_dir, tmp_path / "out", "--quiet", "--json", "-")
     assert result.exit_code == 1, result.stderr
     report = strict_json(result.stdout)

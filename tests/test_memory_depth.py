@@ -1,4 +1,4 @@
-"""Conversion memory does not grow with depth (DESIGN.md "Quality bars"): 4 and 16 layers, measured.
+"""Conversion memory does not grow with depth (docs/architecture.md "Quality bars"): 4 and 16 layers, measured.
 
 Each conversion runs in its own process, which reports its own peak resident memory (VmHWM from
 /proc/self/status: it restarts at exec, unlike ru_maxrss, which would include the test process

@@ -64,9 +64,11 @@ def test_stored_tensors_that_are_not_the_rounded_rewrite_fail(bf16_sources, tmp_
 def test_a_wrong_rewrite_still_fails_in_bf16(bf16_sources, tmp_path, monkeypatch):
     """The rounding cost is measured against the same rewrite, so a wrong rewrite cannot widen the
     tolerance: here the embeddings are left uncentred (the stream keeps their mean)."""
+    from dataclasses import replace
+
     from prenorm_convert import transform
 
-    monkeypatch.setitem(transform.STEPS, "center_rows", lambda x: x)
+    monkeypatch.setitem(transform.STEPS, "center_rows", replace(transform.STEPS["center_rows"], fn=lambda x: x))
     result = run_cli("convert", bf16_sources["gpt2"], tmp_path / "out", "--quiet", "--json", "-")
     assert result.exit_code == 1, result.stderr
     report = json.loads(result.stdout)

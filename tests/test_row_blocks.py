@@ -9,10 +9,9 @@ import torch
 
 from prenorm_convert import conversion, row_blocks
 from prenorm_convert.checkpoint import SourceCheckpoint
-from prenorm_convert.conversion import _RecentTensors, run_op
 from prenorm_convert.examples import build_checkpoint
 from prenorm_convert.plan import make_plan
-from prenorm_convert.row_blocks import run_op_in_blocks, sliced_inputs
+from prenorm_convert.row_blocks import RecentTensors, run_op, run_op_in_blocks, sliced_inputs
 from prenorm_convert.spec import match_spec
 
 # small enough that every row-wise tensor of the tiny models is split into several uneven blocks,
@@ -40,7 +39,7 @@ def family_dirs(tmp_path_factory) -> dict[str, Path]:
 def test_blocks_equal_whole_op_bit_for_bit(family_dirs, family, target, fold):
     source = SourceCheckpoint.open(family_dirs[family])
     plan = make_plan(source, match_spec(source.config), target=target, fold_affine=fold, dtype=torch.float64)  # compare the float64 results themselves
-    cache = _RecentTensors(source)
+    cache = RecentTensors(source)
     streamed_roles = set()
     for op in plan.ops:
         sliced = sliced_inputs(op, {arg: source.tensors[key].shape for arg, key in op.inputs.items()})

@@ -1,4 +1,4 @@
-"""float64 unit tests of the pure rewrites (MATH.md)."""
+"""float64 unit tests of the pure rewrites (docs/math.md)."""
 
 import pytest
 import torch

@@ -1,0 +1,137 @@
+"""Structural checks: the model transformers builds from a config must be exactly what its spec
+describes before anything is planned (docs/architecture.md "Structural checks").
+
+Names alone are not trusted: every embedding, norm, reader and writer is checked for its type and
+for the residual width on the side that touches the stream, every d-wide embedding and every
+LayerNorm of the model must be declared, and a module the config switched off must not be a
+d-wide part of the stream that the conversion would then leave unconverted.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .errors import SpecError, UnsupportedModelError
+from .spec import FamilySpec, expand, expand_group
+
+
+def module_at(model: nn.Module, path: str, spec: FamilySpec) -> nn.Module:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        raise UnsupportedModelError(
+            f"{spec.source_file} names module '{path}', which the installed transformers' "
+            f"{type(model).__name__} does not have; this transformers version is not supported for {spec.family}"
+        ) from None
+
+
+def _has_module(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+    except AttributeError:  # absent, or an attribute set to None (e.g. OPT's project_in)
+        return False
+    return True
+
+
+def _in_out(module: nn.Module, layout: str) -> tuple[int, int] | None:
+    """(in, out) features of a linear of the given layout; subclasses count (Falcon's FalconLinear
+    computes x @ Wᵀ + b like nn.Linear)."""
+    if layout == "linear" and isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if layout == "conv1d" and type(module).__name__ == "Conv1D":
+        return module.nx, module.nf
+    return None
+
+
+def _check_linear(model, path, spec, d, reads: bool) -> None:
+    module = module_at(model, path, spec)
+    layout = spec.layout_of(path)
+    dims = _in_out(module, layout)
+    if dims is None or (dims[0] if reads else dims[1]) != d:
+        expected = "Linear" if layout == "linear" else "Conv1D"
+        raise UnsupportedModelError(
+            f"{spec.source_file} declares '{path}' as a {expected} {'reading' if reads else 'writing'} the "
+            f"{d}-wide residual stream, but the model has {module}; refusing to convert silently wrong"
+        )
+
+
+def _is_layer_norm_over(module: nn.Module, d: int) -> bool:
+    return isinstance(module, nn.LayerNorm) and tuple(module.normalized_shape) == (d,)
+
+
+def _touches_stream(module: nn.Module, role: str, spec: FamilySpec, path: str, d: int) -> bool:
+    """Whether a module sits on the d-wide residual stream in ``role`` (a switched-off module that
+    does would be left unconverted)."""
+    if role == "embedding":
+        return isinstance(module, nn.Embedding) and module.embedding_dim == d
+    if role in ("norm", "inner norm"):
+        return isinstance(module, nn.LayerNorm)
+    dims = _in_out(module, spec.layout_of(path))
+    return dims is not None and (dims[0] if role == "reader" else dims[1]) == d
+
+
+def check_structure(model: nn.Module, spec: FamilySpec, d: int, num_layers: int) -> None:
+    """``spec`` (resolved for this model's config) describes ``model`` exactly; raise otherwise."""
+    embeddings = {path for template in spec.embeddings for path in expand(template, num_layers)}
+    for path in sorted(embeddings):
+        module = module_at(model, path, spec)
+        if not isinstance(module, nn.Embedding) or module.embedding_dim != d:
+            raise UnsupportedModelError(f"{spec.source_file}: '{path}' is not a {d}-wide embedding ({module})")
+    stream_norms = _stream_norms(model, spec, d, num_layers)
+    readers = {reader for group in spec.norms for _, names in expand_group(group, num_layers) for reader in names}
+    for path in sorted(readers):
+        _check_linear(model, path, spec, d, reads=True)
+    writers = {path for template in spec.writers for path in expand(template, num_layers)}
+    for path in sorted(writers):
+        _check_linear(model, path, spec, d, reads=False)
+    inner = {path for template in spec.inner_norms for path in expand(template, num_layers)}
+    for path in sorted(inner):
+        if not isinstance(module_at(model, path, spec), nn.LayerNorm):
+            raise UnsupportedModelError(f"{spec.source_file}: inner norm '{path}' is not a LayerNorm")
+    active = {"embedding": embeddings, "norm": stream_norms, "reader": readers, "writer": writers, "inner norm": inner}
+    _check_switched_off(model, spec, d, num_layers, set().union(*active.values()) | {spec.head})
+    _check_nothing_undeclared(model, spec, d, embeddings, stream_norms | inner)
+
+
+def _stream_norms(model: nn.Module, spec: FamilySpec, d: int, num_layers: int) -> set[str]:
+    """Every norm that reads the stream (pre-norms and stem norms), each a LayerNorm over d
+    features and declared once."""
+    paths = [norm for group in spec.norms for norm, _ in expand_group(group, num_layers)]
+    paths += [path for stem in spec.stem_norms for path in expand(stem.norm, num_layers)]
+    twice = sorted({path for path in paths if paths.count(path) > 1})
+    if twice:
+        raise SpecError(f"{spec.source_file}: norm '{twice[0]}' is declared by two norm groups that both apply to this config")
+    for path in paths:
+        module = module_at(model, path, spec)
+        if not _is_layer_norm_over(module, d):
+            raise UnsupportedModelError(f"{spec.source_file}: '{path}' should be a LayerNorm over {d} features, found {module}")
+    return set(paths)
+
+
+def _check_switched_off(model: nn.Module, spec: FamilySpec, d: int, num_layers: int, active: set[str]) -> None:
+    for role, templates in spec.switched_off.items():
+        for template in templates:
+            for path in expand(template, num_layers):
+                if path in active or not _has_module(model, path):
+                    continue
+                if _touches_stream(model.get_submodule(path), role, spec, path, d):
+                    raise UnsupportedModelError(
+                        f"the model has '{path}', which {spec.source_file} expects as a {role} only under another "
+                        "config; refusing to leave a part of the residual stream unconverted"
+                    )
+
+
+def _check_nothing_undeclared(model: nn.Module, spec: FamilySpec, d: int, embeddings: set[str], norms: set[str]) -> None:
+    # anything d-wide that embeds token ids writes the main branch: it must be declared (and centered)
+    stray = [name for name, m in model.named_modules() if isinstance(m, nn.Embedding) and m.embedding_dim == d and name not in embeddings]
+    if stray:
+        raise UnsupportedModelError(
+            f"the model has {d}-wide embedding(s) {stray[:3]} that {spec.source_file} does not declare; "
+            "refusing to leave a writer of the residual stream unconverted"
+        )
+    stray = [name for name, m in model.named_modules() if isinstance(m, nn.LayerNorm) and name not in norms]
+    if stray:
+        raise UnsupportedModelError(
+            f"the model has LayerNorm module(s) {stray[:3]} that {spec.source_file} does not describe; "
+            "refusing to convert a structure the spec does not cover"
+        )

@@ -1,0 +1,140 @@
+"""The conformance suite every supported family and layout goes through.
+
+Adding a family costs one entry in CASES (plus its spec file and its docs row): each case is a
+tiny checkpoint built with transformers' own config and model classes (random γ, β, biases and
+embedding means; sharded; tied or untied as the config allows; stored in the family's well-known
+hub key layout where it differs), converted with the CLI to every target, loaded back with
+transformers and compared with the original: float32 relative max |Δlogit| ≤ 1e-5 and 32 greedy
+tokens identical, cached, uncached and left-padded. The default target must load without remote
+code wherever the stock class suffices, and a bf16 source must pass the default bf16 gate.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import conversion_cache, run_cli
+from equivalence import assert_equivalent, norm_types
+from prenorm_convert.examples import build_checkpoint, rename_prefix
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    model_type: str
+    overrides: dict = field(default_factory=dict)
+    # the stored key layout of the family's well-known uploads: (old prefix, new prefix, buffers to add)
+    hub_layout: tuple | None = None
+    # the default target loads as the stock class, without remote code
+    loads_without_remote_code: bool = True
+    # LayerNorms that never read the residual stream, left as they are
+    inner_norms: int = 0
+
+
+def _mask_buffers(template: str, layers: int = 2, positions: int = 128) -> dict[str, torch.Tensor]:
+    mask = torch.tril(torch.ones(positions, positions, dtype=torch.bool)).view(1, 1, positions, positions)
+    return {template.format(L=i): mask.clone() for i in range(layers)}
+
+
+CASES = [
+    Case("gpt2", "gpt2"),
+    Case("opt", "opt"),
+    Case("bloom", "bloom", loads_without_remote_code=False),  # its stem norm is baked into the table
+    # Pythia's uploads: the head stored as embed_out, causal-mask and rotary buffers
+    Case(
+        "gpt_neox-parallel",
+        "gpt_neox",
+        {"rotary_pct": 0.25, "tie_word_embeddings": False},
+        hub_layout=("lm_head.", "embed_out.", {**_mask_buffers("gpt_neox.layers.{L}.attention.bias"), "gpt_neox.layers.0.attention.rotary_emb.inv_freq": torch.ones(2)}),
+    ),
+    Case("gpt_neox-sequential-tied", "gpt_neox", {"use_parallel_residual": False, "tie_word_embeddings": True}),
+    Case("gptj", "gptj", {"tie_word_embeddings": False}, hub_layout=("transformer.", "transformer.", _mask_buffers("transformer.h.{L}.attn.bias"))),
+    Case("codegen", "codegen", {"tie_word_embeddings": False}),
+    Case("gpt_neo-untied", "gpt_neo", {"tie_word_embeddings": False}),
+    Case("phi", "phi", {"partial_rotary_factor": 0.5, "tie_word_embeddings": False}),
+    Case("phi-qk_layernorm-tied", "phi", {"qk_layernorm": True}, inner_norms=4),
+    Case("falcon-7b", "falcon", {"new_decoder_architecture": False, "parallel_attn": True, "multi_query": True}),
+    Case("falcon-40b", "falcon", {"new_decoder_architecture": True, "num_kv_heads": 2}),
+    Case("falcon2-11b", "falcon", {"new_decoder_architecture": True, "num_ln_in_parallel_attn": 1, "num_kv_heads": 2}),
+    Case(
+        "falcon-rw-1b-untied",
+        "falcon",
+        {"new_decoder_architecture": False, "parallel_attn": False, "alibi": True, "bias": True, "multi_query": False, "tie_word_embeddings": False},
+    ),
+]
+BY_ID = {case.id: case for case in CASES}
+TARGETS = {"rmsnorm": (), "fold-affine": ("--fold-affine",), "crmsnorm": ("--target", "crmsnorm")}
+
+
+def _build(case: Case, folder: Path, dtype: torch.dtype = torch.float32) -> None:
+    build_checkpoint(folder, case.model_type, seed=sum(map(ord, case.id)), overrides=case.overrides, dtype=dtype)
+    if case.hub_layout is not None:
+        rename_prefix(folder, *case.hub_layout)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    cache: dict[str, Path] = {}
+
+    def get(case_id: str) -> Path:
+        if case_id not in cache:
+            cache[case_id] = tmp_path_factory.mktemp("family") / case_id
+            _build(BY_ID[case_id], cache[case_id])
+        return cache[case_id]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def converted(source, tmp_path_factory):
+    return conversion_cache(tmp_path_factory, source)
+
+
+@pytest.mark.parametrize("target", list(TARGETS))
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def test_every_target_is_equivalent_with_every_norm_replaced(converted, case, target):
+    src, out = converted(case.id, TARGETS[target])
+    compared = assert_equivalent(src, out, remote=True)
+    expected = {"crmsnorm": "PrenormCRMSNorm"}.get(target, "PrenormRMSNorm")
+    converted_norms = [type(m).__name__ for m in compared["converted"].modules() if "Norm" in type(m).__name__]
+    assert converted_norms.count("LayerNorm") == case.inner_norms, "only inner norms may stay LayerNorm"
+    assert set(converted_norms) - {"LayerNorm"} == {expected}
+    report = json.loads((out / "conversion_report.json").read_text())
+    assert report["passed"] and report["residual_mean_max"] < 1e-5
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def test_the_default_target_loads_as_the_stock_class_where_it_can(converted, case):
+    src, out = converted(case.id, TARGETS["rmsnorm"])
+    config = json.loads((out / "config.json").read_text())
+    assert (config["model_type"] == case.model_type) == case.loads_without_remote_code
+    if case.loads_without_remote_code:
+        compared = assert_equivalent(src, out, remote=False, padded=False)
+        assert type(compared["converted"]).__name__ == type(compared["original"]).__name__
+        assert norm_types(compared["converted"]) == {"LayerNorm"}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def test_a_bf16_source_passes_the_default_bf16_gate(case, tmp_path):
+    src = tmp_path / "src"
+    _build(case, src, dtype=torch.bfloat16)
+    result = run_cli("convert", src, tmp_path / "out", "--quiet", "--greedy-tokens", "8", "--json", "-")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["passed"] and report["dtype"] == "bfloat16" and report["rounded_weights"]["tensors_not_matching"] == []
+
+
+def test_families_and_inspect_list_every_case(source):
+    result = run_cli("families", "--json")
+    assert result.exit_code == 0, result.stderr
+    listed = {model_type for row in json.loads(result.stdout)["families"] for model_type in row["model_types"]}
+    assert {case.model_type for case in CASES} <= listed
+    for case in CASES:
+        shown = run_cli("inspect", source(case.id), "--json")
+        assert shown.exit_code == 0, (case.id, shown.stderr)
+        assert json.loads(shown.stdout)["family"] == case.model_type

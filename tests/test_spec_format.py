@@ -1,0 +1,179 @@
+"""The spec format the parallel-block families need: norm groups switched by the config (conditions
+combined with AND), switched-off entries that must be absent for every role, inner norms that are
+declared and left alone (an undeclared LayerNorm is still refused), and refusals that read the
+config object transformers builds."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import run_cli, snapshot
+from prenorm_convert.checkpoint import SourceCheckpoint
+from prenorm_convert.errors import SpecError, UnsupportedModelError
+from prenorm_convert.examples import build_checkpoint
+from prenorm_convert.plan import make_plan
+from prenorm_convert.spec import config_object, parse_spec
+
+
+def spec_data(family: str) -> dict:
+    return yaml.safe_load(resources.files("prenorm_convert").joinpath("configs", f"{family}.yaml").read_text())
+
+
+def plan_with(data: dict, folder: Path):
+    checkpoint = SourceCheckpoint.open(folder)
+    try:
+        return make_plan(checkpoint, parse_spec(data, "configs/test.yaml"))
+    finally:
+        checkpoint.close()
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    cache: dict = {}
+
+    def get(family: str, **overrides) -> Path:
+        key = (family, json.dumps(overrides, sort_keys=True))
+        if key not in cache:
+            cache[key] = tmp_path_factory.mktemp("spec") / family
+            build_checkpoint(cache[key], family, seed=3, overrides=overrides, tokenizer=False)
+        return cache[key]
+
+    return get
+
+
+@pytest.mark.parametrize(
+    "overrides, norms",
+    [
+        ({"new_decoder_architecture": False, "parallel_attn": False}, {"input_layernorm": 1, "post_attention_layernorm": 1}),
+        ({"new_decoder_architecture": False, "parallel_attn": True}, {"input_layernorm": 2}),
+        ({"new_decoder_architecture": True, "num_ln_in_parallel_attn": 1}, {"input_layernorm": 2}),
+        ({"new_decoder_architecture": True}, {"ln_attn": 1, "ln_mlp": 1}),  # num_ln_in_parallel_attn unset: 2
+    ],
+)
+def test_falcon_layouts_pick_their_norm_groups_from_the_config(built, overrides, norms):
+    plan = plan_with(spec_data("falcon"), built("falcon", **overrides))
+    layer0 = {name.rsplit(".", 1)[1] for name in plan.norms if ".h.0." in name}
+    assert layer0 == set(norms)
+    readers = {op.name.split(".h.0.")[1].rsplit(".", 1)[0] for op in plan.ops if ".h.0." in op.name and op.role == "reader"}
+    assert readers == {"self_attention.query_key_value", "mlp.dense_h_to_4h"}
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        ({"new_decoder_architecture": True, "parallel_attn": False}, "new_decoder_architecture=true with parallel_attn=false"),
+        ({"new_decoder_architecture": False, "parallel_attn": True, "num_ln_in_parallel_attn": 2}, "builds ln_attn and ln_mlp"),
+        ({"new_decoder_architecture": True, "num_ln_in_parallel_attn": 3}, "must be 1 or 2"),
+    ],
+)
+def test_falcon_configs_transformers_cannot_run_are_refused(built, tmp_path, overrides, words):
+    src = tmp_path / "src"
+    src.mkdir()
+    base = built("falcon")
+    for entry in base.iterdir():
+        (src / entry.name).write_bytes(entry.read_bytes())
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, **overrides}))
+    before = snapshot(tmp_path)
+    result = run_cli("convert", src, tmp_path / "out")
+    assert result.exit_code == 2 and "cannot convert this falcon checkpoint" in result.stderr and words in result.stderr
+    assert snapshot(tmp_path) == before
+
+
+def test_inner_norms_are_left_as_they_are_and_an_undeclared_layer_norm_is_refused(built):
+    folder = built("phi", qk_layernorm=True)
+    plan = plan_with(spec_data("phi"), folder)
+    assert not any("q_layernorm" in name or "k_layernorm" in name for name in plan.norms)
+    copied = {op.name for op in plan.ops if "layernorm" in op.name and op.role == "other"}
+    assert {"model.layers.0.self_attn.q_layernorm.weight", "model.layers.0.self_attn.k_layernorm.bias"} <= copied
+    data = spec_data("phi")
+    del data["inner_norms"]
+    with pytest.raises(UnsupportedModelError, match="q_layernorm"):
+        plan_with(data, folder)
+
+
+def test_an_inner_norm_switched_off_by_its_condition_must_not_exist(built):
+    data = spec_data("phi")
+    for entry in data["inner_norms"]:
+        entry["when"] = {"config_key": "qk_layernorm", "equals": False}
+    with pytest.raises(UnsupportedModelError, match="q_layernorm.*only under another config"):
+        plan_with(data, built("phi", qk_layernorm=True))
+
+
+def test_a_norm_group_switched_off_must_not_exist(built):
+    data = spec_data("falcon")
+    two_norms = [group for group in data["norms"] if group["norm"].endswith("ln_attn")]
+    data["norms"] = [group for group in data["norms"] if not group["norm"].endswith(("ln_attn", "ln_mlp"))]
+    data["norms"].append({**two_norms[0], "norm": "transformer.h.{L}.ln_attn", "when": {"config_key": "parallel_attn", "equals": False}})
+    with pytest.raises(UnsupportedModelError, match="ln_attn"):
+        plan_with(data, built("falcon", new_decoder_architecture=True))
+
+
+def test_a_norm_active_in_two_groups_is_a_spec_error(built):
+    data = spec_data("falcon")
+    for group in data["norms"]:
+        group.pop("when", None)
+    with pytest.raises(SpecError, match="declared by two norm groups"):
+        plan_with(data, built("falcon", new_decoder_architecture=False, parallel_attn=False))
+
+
+@pytest.mark.parametrize(
+    "when, error",
+    [
+        ([], "at least one condition"),
+        ([{"config_key": "parallel_attn"}], "exactly one of"),
+        ("parallel_attn", "must be a dict or list"),
+    ],
+)
+def test_malformed_norm_conditions_are_spec_errors(when, error):
+    data = spec_data("falcon")
+    data["norms"][0]["when"] = when
+    with pytest.raises(SpecError, match=error):
+        parse_spec(data, "configs/test.yaml")
+
+
+def test_refusals_read_the_config_object_not_the_raw_file():
+    data = spec_data("gpt2")
+    # GPT-2's config.json says n_embd; hidden_size exists only on the config object (an alias)
+    data["refuse"] = [{"when": [{"config_key": "hidden_size", "equals": 64}, {"config_key": "n_layer", "differs_from": 1}], "why": "test"}]
+    spec = parse_spec(data, "configs/test.yaml")
+    assert spec.refusal_for(config_object({"model_type": "gpt2", "n_embd": 64, "n_layer": 2})).why == "test"
+    assert spec.refusal_for(config_object({"model_type": "gpt2", "n_embd": 64, "n_layer": 1})) is None
+    assert spec.refusal_for(config_object({"model_type": "gpt2", "n_embd": 32, "n_layer": 2})) is None
+    assert spec.refuse[0].describe() == "hidden_size=64 and n_layer!=1"
+
+
+def test_an_untied_default_is_read_from_the_config_object(tmp_path):
+    """GPT-NeoX unties its head by default: a config.json without tie_word_embeddings is untied."""
+    from equivalence import assert_equivalent
+
+    src = tmp_path / "src"
+    build_checkpoint(src, "gpt_neox", seed=4, tie_word_embeddings=False)
+    config = json.loads((src / "config.json").read_text())
+    config.pop("tie_word_embeddings", None)
+    (src / "config.json").write_text(json.dumps(config))
+    plan = plan_with(spec_data("gpt_neox"), src)
+    assert not plan.head_stored_apart and not plan.untied_head, "an untied head is not a tie stored apart"
+    result = run_cli("convert", src, tmp_path / "out", "--quiet", "--fold-affine")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["prenorm"]["untied_head"] is False
+    assert_equivalent(src, tmp_path / "out", padded=False)
+
+
+@pytest.mark.parametrize("model_type", ["RefinedWebModel", "phi-msft"])
+def test_legacy_remote_code_uploads_are_refused_with_what_to_convert_instead(built, tmp_path, model_type):
+    src = tmp_path / "src"
+    src.mkdir()
+    for entry in built("falcon").iterdir():
+        (src / entry.name).write_bytes(entry.read_bytes())
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "model_type": model_type}))
+    before = snapshot(tmp_path)
+    result = run_cli("convert", src, tmp_path / "out")
+    assert result.exit_code == 2 and f"cannot convert model_type '{model_type}'" in result.stderr
+    assert "transformers-native revision" in result.stderr and snapshot(tmp_path) == before
