@@ -41,6 +41,16 @@ SHAPES = {
     "gpt_neo": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "attention_types": [[["global", "local"], 1]], "window_size": 8, "max_position_embeddings": 128},
     "phi": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256, "max_position_embeddings": 128},
     "falcon": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4},
+    "gpt_bigcode": {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 128},
+    "mpt": {"d_model": 64, "n_layers": 2, "n_heads": 4, "max_seq_len": 128},
+    "stablelm": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4, "intermediate_size": 128, "max_position_embeddings": 128},
+    "starcoder2": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128, "max_position_embeddings": 128},
+    "cohere": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128, "max_position_embeddings": 128},
+    "cohere2": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128, "max_position_embeddings": 128, "sliding_window": 8},
+    "persimmon": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128, "max_position_embeddings": 128},
+    "nemotron": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 128, "max_position_embeddings": 128},
+    "biogpt": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128, "max_position_embeddings": 128},
+    "olmo": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128, "max_position_embeddings": 128},
 }
 
 
@@ -65,10 +75,11 @@ def perturb(model: torch.nn.Module, seed: int) -> None:
         return torch.randn(shape, generator=generator) * scale
 
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.LayerNorm):
-            if module.weight is not None:
+        if isinstance(module, torch.nn.LayerNorm) or "layernorm" in type(module).__name__.lower():
+            # torch's LayerNorm, and the families' own (CohereLayerNorm: γ only; Nemotron stores γ - 1)
+            if isinstance(getattr(module, "weight", None), torch.nn.Parameter):
                 module.weight.copy_(1.0 + noise(module.weight.shape, 0.4))
-            if module.bias is not None:
+            if isinstance(getattr(module, "bias", None), torch.nn.Parameter):
                 module.bias.copy_(noise(module.bias.shape, 0.3))
         elif isinstance(module, torch.nn.Embedding):
             rows, width = module.weight.shape

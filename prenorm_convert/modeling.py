@@ -217,8 +217,8 @@ def apply_prenorm_swaps(model: nn.Module, block: dict) -> None:
     _resize_parameters(model, block.get("resized", {}))
     for path, norm in block["norms"].items():
         old = model.get_submodule(path)
-        width = norm.get("width", old.normalized_shape[0])
-        new = NORM_KINDS[norm["kind"]](width, old.eps, affine=norm["affine"], bias=norm.get("bias", True))
+        width = norm["width"] if "width" in norm else old.normalized_shape[0]
+        new = NORM_KINDS[norm["kind"]](width, norm.get("eps", getattr(old, "eps", None)), affine=norm["affine"], bias=norm.get("bias", True))
         _set_submodule(model, path, new)
     for path in block.get("biased", []):
         linear = model.get_submodule(path)

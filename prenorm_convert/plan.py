@@ -91,7 +91,12 @@ class ConversionPlan:
     @property
     def requires_remote_code(self) -> bool:
         """Only rmsnorm with the affine kept loads as the stock class (LN of a zero-mean x is RMSNorm)."""
-        return self.target != "rmsnorm" or self.fold_affine or bool(self.removed) or bool(self.biased)
+        return self.target != "rmsnorm" or self.fold_affine or bool(self.removed) or bool(self.biased) or self.norm_weights_rewritten
+
+    @property
+    def norm_weights_rewritten(self) -> bool:
+        """The stored γ is not what the stock norm class reads (its weight offset was applied)."""
+        return self.spec.norm_module.weight_offset != 0 and any(norm["affine"] for norm in self.norms.values())
 
 
 def _numel(shape) -> int:
@@ -201,8 +206,11 @@ class _Planner:
         self.done.add(name)
 
     def norm_params(self, norm: str) -> tuple[str | None, str | None]:
-        weight, bias = f"{norm}.weight", f"{norm}.bias"
-        return (weight if self.has(weight) else None), (bias if self.has(bias) else None)
+        """(γ, β) parameter names of a norm, each None when the family's norm class has none."""
+        kind = self.spec.norm_module
+        weight = f"{norm}.{kind.weight}" if kind.weight else None
+        bias = f"{norm}.{kind.bias}" if kind.bias else None
+        return (weight if weight and self.has(weight) else None), (bias if bias and self.has(bias) else None)
 
     def plan(self) -> ConversionPlan:
         tied, head_stored_apart = self._head_tie()
@@ -267,11 +275,16 @@ class _Planner:
             for norm, readers in expand_group(group, self.L):
                 gamma, beta = self.norm_params(norm)
                 width = self.d - 1 if compress else self.d
-                self.norms[norm] = {"kind": self.target, "affine": not self.fold and gamma is not None, "bias": beta is not None, "width": width}
+                eps = self.spec.norm_module.epsilon(module_at(self.model, norm, self.spec))
+                self.norms[norm] = {
+                    "kind": self.target, "affine": not self.fold and gamma is not None, "bias": beta is not None, "width": width, "eps": eps,
+                }
                 if not self.fold:
-                    for param in (gamma, beta):
-                        if param:
-                            self.add(param, "norm", {"x": self.key(param)}, [("identity", {})])
+                    offset = self.spec.norm_module.weight_offset
+                    if gamma:  # the norm computes with γ + weight_offset (docs/math.md "Norms")
+                        self.add(gamma, "norm", {"x": self.key(gamma)}, [("add_offset", {"value": offset}) if offset else ("identity", {})])
+                    if beta:
+                        self.add(beta, "norm", {"x": self.key(beta)}, [("identity", {})])
                 else:
                     self.done.update(p for p in (gamma, beta) if p)
                 for reader in readers:
@@ -353,7 +366,8 @@ class _Planner:
         dtype_from = spec.head_tied_to + ".weight" if (reader == spec.head and tied) else weight
         compress = self._compressed("input", layout) if self.target == "crmsnorm" else []
         if self.fold and gamma:
-            self.add(weight, "reader", {"weight": weight_key, "gamma": self.key(gamma)}, [("fold_gamma", {"layout": layout})] + compress, dtype_from)
+            offset = {"gamma_offset": self.spec.norm_module.weight_offset} if self.spec.norm_module.weight_offset else {}
+            self.add(weight, "reader", {"weight": weight_key, "gamma": self.key(gamma)}, [("fold_gamma", {"layout": layout, **offset})] + compress, dtype_from)
         else:
             self.add(weight, "reader", {"x": weight_key}, [("identity", {})] + compress, dtype_from)
         if self.fold and beta and _nonzero(self.source.read(self.key(beta))):

@@ -97,6 +97,24 @@ class StemNorm:
 
 
 @dataclass(frozen=True)
+class NormModule:
+    """How a family's stream norms are stored and what they compute, beyond torch's nn.LayerNorm:
+    the module class (matched by exact name, so a subclass that computes something else is never
+    taken for it), the attributes holding γ, β and ε (None: the module has none; ε may be given as
+    a number when the module hard-codes it), and an offset the module adds to its stored γ
+    (Nemotron's LayerNorm1P computes with weight + 1)."""
+
+    class_name: str = "LayerNorm"
+    weight: str | None = "weight"
+    bias: str | None = "bias"
+    eps: str | float = "eps"
+    weight_offset: float = 0.0
+
+    def epsilon(self, module: Any) -> float:
+        return float(self.eps) if isinstance(self.eps, (int, float)) else float(getattr(module, self.eps))
+
+
+@dataclass(frozen=True)
 class Refusal:
     """Refuse a checkpoint whose config object meets every condition in ``when``, saying ``why``."""
 
@@ -126,6 +144,7 @@ class FamilySpec:
     refuse: tuple[Refusal, ...]
     # LayerNorms that never read the residual stream (e.g. Phi's per-head q/k norms): left as they are
     inner_norms: tuple[Entry, ...] = ()
+    norm_module: NormModule = field(default_factory=NormModule)
     source_file: str = field(default="", compare=False)
     # after resolve(): role -> the templates switched off by the config (check_structure: such a
     # module is absent, active in another role, or off the residual stream)
@@ -238,7 +257,17 @@ _SPEC_KEYS = {
     "ignore": list,
     "refuse": list,
 }
-_OPTIONAL_SPEC_KEYS = {"inner_norms": list}
+_OPTIONAL_SPEC_KEYS = {"inner_norms": list, "norm_module": dict}
+
+
+def _parse_norm_module(where: str, data: Any) -> NormModule:
+    """``norm_module: {class, weight, bias, eps, weight_offset}``; omitted keys keep nn.LayerNorm's."""
+    if data is None:
+        return NormModule()
+    optional = {"weight": (str, type(None)), "bias": (str, type(None)), "eps": (str, int, float), "weight_offset": (int, float)}
+    _require_keys(where, data, {"class": str}, optional)
+    values = {key: data[key] for key in optional if key in data}
+    return NormModule(class_name=data["class"], **{**values, "weight_offset": float(values.get("weight_offset", 0.0))})
 _CONFIG_ROLES = {"hidden_size", "num_layers", "tie_word_embeddings"}
 
 
@@ -349,6 +378,7 @@ def parse_spec(data: Any, source_file: str) -> FamilySpec:
         ignore=tuple(data["ignore"]),
         refuse=tuple(refusals),
         inner_norms=_parse_entries(f"{source_file}: inner_norms", data.get("inner_norms", [])),
+        norm_module=_parse_norm_module(f"{source_file}: norm_module", data.get("norm_module")),
         source_file=source_file,
     )
 

@@ -55,8 +55,23 @@ def _check_linear(model, path, spec, d, reads: bool) -> None:
         )
 
 
-def _is_layer_norm_over(module: nn.Module, d: int) -> bool:
-    return isinstance(module, nn.LayerNorm) and tuple(module.normalized_shape) == (d,)
+def is_norm_like(module: nn.Module, spec: FamilySpec) -> bool:
+    """A module that normalises its input the LayerNorm way: torch's nn.LayerNorm (or a subclass),
+    the family's declared norm class, or any class named like one (CohereLayerNorm, OlmoLayerNorm)."""
+    name = type(module).__name__
+    return isinstance(module, nn.LayerNorm) or name == spec.norm_module.class_name or "layernorm" in name.lower()
+
+
+def _is_stream_norm(module: nn.Module, spec: FamilySpec, d: int) -> bool:
+    """The family's norm class exactly (a subclass may compute something else: Nemotron's
+    LayerNorm1P adds 1 to γ), over d features (from γ, or the module's normalized_shape)."""
+    if type(module).__name__ != spec.norm_module.class_name:
+        return False
+    weight = getattr(module, spec.norm_module.weight, None) if spec.norm_module.weight else None
+    if isinstance(weight, nn.Parameter):
+        return tuple(weight.shape) == (d,)
+    shape = getattr(module, "normalized_shape", None)
+    return shape is None or tuple(shape) == (d,)
 
 
 def _touches_stream(module: nn.Module, role: str, spec: FamilySpec, path: str, d: int) -> bool:
@@ -65,7 +80,7 @@ def _touches_stream(module: nn.Module, role: str, spec: FamilySpec, path: str, d
     if role == "embedding":
         return isinstance(module, nn.Embedding) and module.embedding_dim == d
     if role in ("norm", "inner norm"):
-        return isinstance(module, nn.LayerNorm)
+        return any(is_norm_like(m, spec) for m in module.modules())
     dims = _in_out(module, spec.layout_of(path))
     return dims is not None and (dims[0] if role == "reader" else dims[1]) == d
 
@@ -86,11 +101,11 @@ def check_structure(model: nn.Module, spec: FamilySpec, d: int, num_layers: int)
         _check_linear(model, path, spec, d, reads=False)
     inner = {path for template in spec.inner_norms for path in expand(template, num_layers)}
     for path in sorted(inner):
-        if not isinstance(module_at(model, path, spec), nn.LayerNorm):
-            raise UnsupportedModelError(f"{spec.source_file}: inner norm '{path}' is not a LayerNorm")
+        if not any(is_norm_like(m, spec) for m in module_at(model, path, spec).modules()):
+            raise UnsupportedModelError(f"{spec.source_file}: inner norm '{path}' holds no LayerNorm")
     active = {"embedding": embeddings, "norm": stream_norms, "reader": readers, "writer": writers, "inner norm": inner}
     _check_switched_off(model, spec, d, num_layers, set().union(*active.values()) | {spec.head})
-    _check_nothing_undeclared(model, spec, d, embeddings, stream_norms | inner)
+    _check_nothing_undeclared(model, spec, d, embeddings, stream_norms | inner, inner)
 
 
 def _stream_norms(model: nn.Module, spec: FamilySpec, d: int, num_layers: int) -> set[str]:
@@ -103,8 +118,11 @@ def _stream_norms(model: nn.Module, spec: FamilySpec, d: int, num_layers: int) -
         raise SpecError(f"{spec.source_file}: norm '{twice[0]}' is declared by two norm groups that both apply to this config")
     for path in paths:
         module = module_at(model, path, spec)
-        if not _is_layer_norm_over(module, d):
-            raise UnsupportedModelError(f"{spec.source_file}: '{path}' should be a LayerNorm over {d} features, found {module}")
+        if not _is_stream_norm(module, spec, d):
+            raise UnsupportedModelError(
+                f"{spec.source_file}: '{path}' should be a {spec.norm_module.class_name} over {d} features, found "
+                f"{type(module).__name__} {module}; refusing to convert a norm the spec does not describe"
+            )
     return set(paths)
 
 
@@ -121,7 +139,9 @@ def _check_switched_off(model: nn.Module, spec: FamilySpec, d: int, num_layers: 
                     )
 
 
-def _check_nothing_undeclared(model: nn.Module, spec: FamilySpec, d: int, embeddings: set[str], norms: set[str]) -> None:
+def _check_nothing_undeclared(
+    model: nn.Module, spec: FamilySpec, d: int, embeddings: set[str], norms: set[str], inner: set[str]
+) -> None:
     # anything d-wide that embeds token ids writes the main branch: it must be declared (and centered)
     stray = [name for name, m in model.named_modules() if isinstance(m, nn.Embedding) and m.embedding_dim == d and name not in embeddings]
     if stray:
@@ -129,7 +149,11 @@ def _check_nothing_undeclared(model: nn.Module, spec: FamilySpec, d: int, embedd
             f"the model has {d}-wide embedding(s) {stray[:3]} that {spec.source_file} does not declare; "
             "refusing to leave a writer of the residual stream unconverted"
         )
-    stray = [name for name, m in model.named_modules() if isinstance(m, nn.LayerNorm) and name not in norms]
+    # a declared inner norm covers its submodules (StableLM's per-head norms hold one LayerNorm per head)
+    def declared(name: str) -> bool:
+        return name in norms or any(name.startswith(path + ".") for path in inner)
+
+    stray = [name for name, m in model.named_modules() if is_norm_like(m, spec) and not declared(name)]
     if stray:
         raise UnsupportedModelError(
             f"the model has LayerNorm module(s) {stray[:3]} that {spec.source_file} does not describe; "

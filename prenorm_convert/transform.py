@@ -117,9 +117,16 @@ def center_vector(x: torch.Tensor) -> torch.Tensor:
 # -- Folding the affine ("Folding the affine") ------------------------------------------------
 
 
+@step("add the norm's weight offset", rows=_rows_always("x"))
+def add_offset(x: torch.Tensor, value: float) -> torch.Tensor:
+    """γ as the norm computes with it, from a stored γ − offset (docs/math.md "Norms"); 0 changes nothing."""
+    return x + value if value else x
+
+
 @step("fold γ", rows=_rows_by_layout(linear=("weight",), conv1d=("weight", "gamma")))
-def fold_gamma(weight: torch.Tensor, gamma: torch.Tensor, layout: str) -> torch.Tensor:
-    """Reader weight W·diag(γ) — scale each input feature."""
+def fold_gamma(weight: torch.Tensor, gamma: torch.Tensor, layout: str, gamma_offset: float = 0.0) -> torch.Tensor:
+    """Reader weight W·diag(γ) — scale each input feature (γ = stored + gamma_offset)."""
+    gamma = gamma + gamma_offset if gamma_offset else gamma
     return weight * (gamma[None, :] if layout == "linear" else gamma[:, None])
 
 
