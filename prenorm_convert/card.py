@@ -33,6 +33,16 @@ def report_rows(report: dict) -> list[tuple[str, str]]:
 
 def loading_instructions(config: dict) -> str:
     block = config["prenorm"]
+    if block.get("lands_in"):
+        return "\n".join([
+            "```python",
+            "from transformers import AutoModelForCausalLM",
+            f'model = AutoModelForCausalLM.from_pretrained("{LOCATION_PLACEHOLDER}")',
+            "```",
+            f"\nThis is a stock `{block['lands_in']}` checkpoint (model_type `{config['model_type']}`): with the residual "
+            "stream centred, every norm of the original is an RMSNorm, so no remote code is needed, here or in any "
+            "engine that runs this architecture.",
+        ])
     lines = [
         "```python",
         "from transformers import AutoModelForCausalLM",

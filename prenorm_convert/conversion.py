@@ -62,7 +62,9 @@ def converted_config(source: SourceCheckpoint, plan: ConversionPlan, source_name
         config[spec.config_keys["tie_word_embeddings"]] = False
     config.pop("torch_dtype", None)
     config["dtype"] = str(plan.out_dtype).removeprefix("torch.")
-    if plan.requires_remote_code:
+    if plan.landing is not None:
+        _land(config, plan.landing)
+    elif plan.requires_remote_code:
         auto_map = {
             "AutoConfig": f"modeling_prenorm.Prenorm{plan.base_config_class}",
             "AutoModelForCausalLM": f"modeling_prenorm.Prenorm{plan.base_model_class}",
@@ -70,7 +72,8 @@ def converted_config(source: SourceCheckpoint, plan: ConversionPlan, source_name
         config["model_type"] = "prenorm_" + model_type
     else:
         auto_map = {"AutoModelForCausalLM": f"modeling_prenorm.PrenormStock{plan.base_model_class}"}
-    config["auto_map"] = auto_map
+    if plan.landing is None:
+        config["auto_map"] = auto_map
     config["prenorm"] = {
         "target": plan.target,
         "fold_affine": plan.fold_affine,
@@ -92,8 +95,19 @@ def converted_config(source: SourceCheckpoint, plan: ConversionPlan, source_name
         # crmsnorm --pad-to: tensors hold the residual_width features, zero-padded to stream_width
         "pad_to": plan.pad_to,
         "stream_width": plan.stream_width,
+        "lands_in": plan.landing.architecture if plan.landing is not None else None,
     }
     return config
+
+
+def _land(config: dict, landing) -> None:
+    """config.json of the stock architecture the converted model is (spec lands_in)."""
+    for key in landing.drop_config_keys:
+        config.pop(key, None)
+    config.update(landing.config)
+    config["model_type"] = landing.model_type
+    config["architectures"] = [landing.architecture]
+    config.pop("auto_map", None)
 
 
 def write_weights(source: SourceCheckpoint, plan: ConversionPlan, folder: Path, max_shard_bytes: int, reporter: Reporter) -> list[str]:
@@ -189,7 +203,8 @@ def convert(
         config = converted_config(source, plan, resolved.name, resolved.revision)
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         copy_side_files(source, staging)
-        write_remote_code(staging)
+        if plan.landing is None:  # a stock architecture needs no code of ours
+            write_remote_code(staging)
         if verify_output:
             report = verify(resolved, staging, tolerances=tolerances, prompts_file=prompts_file, allow_pickle=allow_pickle, reporter=reporter)
             if out.exists() and not report["passed"]:  # --overwrite replaces OUT only with a conversion that passed

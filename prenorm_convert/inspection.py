@@ -63,6 +63,7 @@ def describe(
         "stream_width": plan.stream_width,
         "changes": dict(changes),
         "requires_remote_code": plan.requires_remote_code,
+        "lands_in": plan.landing.architecture if plan.landing is not None else None,
         "notes": _notes(plan),
     }
 
@@ -100,7 +101,12 @@ def _notes(plan) -> list[str]:
             f"{', '.join(plan.removed)} (a LayerNorm on the residual stream itself) is baked into the embedding table "
             "and removed from the converted architecture"
         )
-    if plan.requires_remote_code:
+    if plan.landing is not None:
+        notes.append(
+            f"the output is a stock {plan.landing.architecture} (model_type {plan.landing.model_type}): with the stream "
+            "centred every norm is an RMSNorm, so it loads without remote code wherever that architecture runs"
+        )
+    elif plan.requires_remote_code:
         notes.append("the output needs trust_remote_code=True to load (modeling_prenorm.py is written beside the weights)")
     else:
         notes.append("the output also loads without remote code, as the stock class with LayerNorms, with identical outputs")

@@ -7,7 +7,7 @@ model tree is checked against the spec before anything is planned.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -17,7 +17,7 @@ from .errors import BadInputError, CorruptCheckpointError, SpecError, Unsupporte
 from .meta_model import build_meta_model, check_resized_forward
 from .row_blocks import DEFAULT_BLOCK_BYTES
 from .safetensors_io import DTYPES, element_size
-from .spec import FamilySpec, expand, expand_group
+from .spec import FamilySpec, Landing, all_hold, expand, expand_group
 from .structure import check_structure, module_at
 from .transform import output_shape
 
@@ -68,6 +68,8 @@ class ConversionPlan:
     # the config ties the head to the embedding, but the file stores a head with other values, which
     # transformers keeps apart at load: converted as such, written with the tie switched off
     head_stored_apart: bool = False
+    # the output is this stock RMSNorm architecture exactly (spec lands_in), written under its names
+    landing: Landing | None = None
 
     @property
     def residual_width(self) -> int:
@@ -91,6 +93,8 @@ class ConversionPlan:
     @property
     def requires_remote_code(self) -> bool:
         """Only rmsnorm with the affine kept loads as the stock class (LN of a zero-mean x is RMSNorm)."""
+        if self.landing is not None:
+            return False
         return self.target != "rmsnorm" or self.fold_affine or bool(self.removed) or bool(self.biased) or self.norm_weights_rewritten
 
     @property
@@ -217,8 +221,9 @@ class _Planner:
         self._plan_embeddings()
         self._plan_writers()
         self._plan_norms(tied)
+        landing = self._plan_landing()
         self._plan_the_rest()
-        return self._assemble(tied, head_stored_apart)
+        return self._assemble(tied, head_stored_apart, landing)
 
     def _head_tie(self) -> tuple[bool, bool]:
         """(the head is untied from the embedding, the config ties a head the file stores apart).
@@ -299,7 +304,23 @@ class _Planner:
         if missing:
             raise CorruptCheckpointError(f"the checkpoint is missing tensor(s) {missing[:3]}; re-download it")
 
-    def _assemble(self, tied: bool, head_stored_apart: bool) -> ConversionPlan:
+    def _plan_landing(self) -> Landing | None:
+        """The spec's stock RMSNorm architecture, when this conversion lands in it exactly: target
+        rmsnorm, its conditions hold on the config, and every converted norm ends without β with no
+        reader gaining a bias (the stock RMSNorm has γ only). A norm without γ then gets γ = 1."""
+        landing = self.spec.lands_in
+        if landing is None or self.target != "rmsnorm" or not all_hold(landing.when, self.model.config):
+            return None
+        if self.biased or self.removed or any(norm["bias"] and not self.fold for norm in self.norms.values()):
+            return None
+        table = next(f"{module}.weight" for module in self.spec.embeddings)
+        for norm, entry in self.norms.items():
+            if not entry["affine"]:
+                self.add(f"{norm}.weight", "norm", {}, [("ones", {"width": self.d})], dtype_from=table)
+                entry.update(affine=True, bias=False)
+        return landing
+
+    def _assemble(self, tied: bool, head_stored_apart: bool, landing: Landing | None) -> ConversionPlan:
         dropped = [key for key in self.source.tensors if key not in {k for op in self.ops for k in op.inputs.values()}]
         stored_dtype = self.source.stored_dtype()
         resized = {
@@ -313,11 +334,11 @@ class _Planner:
             fold_affine=self.fold,
             hidden_size=self.d,
             num_layers=self.L,
-            ops=self._ordered(),
+            ops=self._ordered(landing),
             dropped=dropped,
             untied_head=tied,
             head_stored_apart=head_stored_apart,
-            norms=self.norms,
+            norms=self.norms if landing is None else {landing.renamed(norm): entry for norm, entry in self.norms.items()},
             biased=self.biased,
             removed=self.removed,
             base_config_class=type(self.model.config).__name__,
@@ -328,6 +349,7 @@ class _Planner:
             resized=resized,
             pad_to=self.pad_to,
             stream_width=self.stream_width if self.target == "crmsnorm" else self.d,
+            landing=landing,
         )
         if resized:
             check_resized_forward(self.model, plan)
@@ -394,16 +416,21 @@ class _Planner:
             steps.append((pad, {**params, "width": self.stream_width}))
         return steps
 
-    def _ordered(self) -> list[TensorOp]:
-        """Model parameter order (as save_pretrained writes), new tensors after their weight."""
+    def _ordered(self, landing: Landing | None = None) -> list[TensorOp]:
+        """Model parameter order (as save_pretrained writes), new tensors after their weight (a new
+        weight before the first parameter named after it); under the landing's names, if any."""
         order = {name: i for i, name in enumerate(self.params)}
 
         def rank(op: TensorOp) -> tuple[int, int]:
             if op.name in order:
                 return order[op.name], 0
-            return order[op.name.rsplit(".", 1)[0] + ".weight"], 1
+            sibling = op.name.rsplit(".", 1)[0] + ".weight"
+            if sibling in order:
+                return order[sibling], 1
+            return next((i for name, i in order.items() if name > op.name), len(order)), -1
 
-        return sorted(self.ops, key=rank)
+        ops = sorted(self.ops, key=rank)
+        return ops if landing is None else [replace(op, name=landing.renamed(op.name)) for op in ops]
 
 
 def _tied_names(model) -> set[str]:

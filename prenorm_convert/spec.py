@@ -115,6 +115,30 @@ class NormModule:
 
 
 @dataclass(frozen=True)
+class Landing:
+    """A stock RMSNorm architecture that a converted model *is*, exactly (docs/architecture.md
+    "Spec format", lands_in): OLMo v1 with its stream centred is a LlamaForCausalLM. When every
+    condition in ``when`` holds and the target is rmsnorm with norms that end without β, the output
+    is written as that architecture: config.json gets ``model_type`` and ``architecture``, the
+    ``config`` values set and ``drop_config_keys`` removed; tensor names change by the ``rename``
+    prefix pairs; a norm without γ gets γ = 1. It then loads without remote code anywhere that
+    architecture runs."""
+
+    when: tuple[Condition, ...]
+    model_type: str
+    architecture: str
+    config: dict
+    drop_config_keys: tuple[str, ...]
+    rename: tuple[tuple[str, str], ...]
+
+    def renamed(self, name: str) -> str:
+        for old, new in self.rename:
+            if name.startswith(old):
+                return new + name[len(old):]
+        return name
+
+
+@dataclass(frozen=True)
 class Refusal:
     """Refuse a checkpoint whose config object meets every condition in ``when``, saying ``why``."""
 
@@ -145,6 +169,7 @@ class FamilySpec:
     # LayerNorms that never read the residual stream (e.g. Phi's per-head q/k norms): left as they are
     inner_norms: tuple[Entry, ...] = ()
     norm_module: NormModule = field(default_factory=NormModule)
+    lands_in: Landing | None = None
     source_file: str = field(default="", compare=False)
     # after resolve(): role -> the templates switched off by the config (check_structure: such a
     # module is absent, active in another role, or off the residual stream)
@@ -257,7 +282,25 @@ _SPEC_KEYS = {
     "ignore": list,
     "refuse": list,
 }
-_OPTIONAL_SPEC_KEYS = {"inner_norms": list, "norm_module": dict}
+_OPTIONAL_SPEC_KEYS = {"inner_norms": list, "norm_module": dict, "lands_in": dict}
+
+
+def _parse_landing(where: str, data: Any) -> Landing | None:
+    if data is None:
+        return None
+    optional = {"config": dict, "drop_config_keys": list, "rename": list}
+    _require_keys(where, data, {"when": (dict, list), "model_type": str, "architecture": str}, optional)
+    rename = data.get("rename", [])
+    if not all(isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) for p in pair) for pair in rename):
+        raise SpecError(f"{where}: rename must be a list of [old_prefix, new_prefix] pairs")
+    return Landing(
+        when=_parse_when(f"{where}.when", data["when"]),
+        model_type=data["model_type"],
+        architecture=data["architecture"],
+        config=dict(data.get("config", {})),
+        drop_config_keys=tuple(data.get("drop_config_keys", [])),
+        rename=tuple((old, new) for old, new in rename),
+    )
 
 
 def _parse_norm_module(where: str, data: Any) -> NormModule:
@@ -379,6 +422,7 @@ def parse_spec(data: Any, source_file: str) -> FamilySpec:
         refuse=tuple(refusals),
         inner_norms=_parse_entries(f"{source_file}: inner_norms", data.get("inner_norms", [])),
         norm_module=_parse_norm_module(f"{source_file}: norm_module", data.get("norm_module")),
+        lands_in=_parse_landing(f"{source_file}: lands_in", data.get("lands_in")),
         source_file=source_file,
     )
 

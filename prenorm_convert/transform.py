@@ -117,6 +117,12 @@ def center_vector(x: torch.Tensor) -> torch.Tensor:
 # -- Folding the affine ("Folding the affine") ------------------------------------------------
 
 
+@step("γ = 1 (the stock RMSNorm's weight)")
+def ones(width: int) -> torch.Tensor:
+    """The weight of a stock RMSNorm standing for a norm without γ (docs/architecture.md, lands_in)."""
+    return torch.ones(width, dtype=torch.float64)
+
+
 @step("add the norm's weight offset", rows=_rows_always("x"))
 def add_offset(x: torch.Tensor, value: float) -> torch.Tensor:
     """γ as the norm computes with it, from a stored γ − offset (docs/math.md "Norms"); 0 changes nothing."""

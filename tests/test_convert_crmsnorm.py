@@ -1,5 +1,6 @@
-"""--target crmsnorm end to end, for every supported family that has a test shape in examples.SHAPES:
-convert an on-disk checkpoint with the CLI, load it with transformers (remote code), compare."""
+"""--target crmsnorm end to end, in depth (hidden states, save_pretrained, verify, inspect), for one family
+of each structural kind: convert an on-disk checkpoint with the CLI, load it with transformers (remote
+code), compare. Every family and layout also converts to crmsnorm in tests/test_family_conformance.py."""
 
 from __future__ import annotations
 
@@ -10,13 +11,16 @@ import torch
 
 import prenorm_convert
 from conftest import run_cli
-from equivalence import assert_equivalent, load, norm_types, sample_ids
+from equivalence import assert_equivalent, load, sample_ids
 from prenorm_convert.examples import SHAPES, build_checkpoint
 from prenorm_convert.modeling import restore_full_width
 from prenorm_convert.spec import load_specs
 
 SPECS = {spec.family: spec for spec in load_specs()}
-FAMILIES = [family for family in SHAPES if family in SPECS]
+# Conv1D (gpt2), learned positions + projections (opt), a stem norm (bloom), parallel blocks (gpt_neox,
+# falcon), inner norms (phi), a norm class of its own (cohere), norms without parameters (olmo)
+KINDS = ["gpt2", "opt", "bloom", "gpt_neox", "falcon", "phi", "cohere", "olmo"]
+FAMILIES = [family for family in KINDS if family in SHAPES and family in SPECS]
 # variants beyond the family's default shape: (case id, family, config overrides)
 VARIANTS = [(family, family, {}) for family in FAMILIES]
 if "opt" in SPECS:  # project_in writes and project_out reads the stream; the head keeps its tie
@@ -52,9 +56,16 @@ def test_crmsnorm_checkpoint_matches_original(crmsnorm_case, case):
     src, out, d = crmsnorm_case(case)
     compared = assert_equivalent(src, out, remote=True)  # logits, greedy 32, uncached, left-padded
     converted = compared["converted"]
-    assert norm_types(converted) == {"PrenormCRMSNorm"}, "every norm is a CRMSNorm, no LayerNorm remains"
     config = json.loads((out / "config.json").read_text())
     block = config["prenorm"]
+    assert {type(converted.get_submodule(path)).__name__ for path in block["norms"]} == {"PrenormCRMSNorm"}
+
+    def other_norms(model) -> set[str]:
+        return {name for name, m in model.named_modules() if "Norm" in type(m).__name__ and type(m).__name__ != "PrenormCRMSNorm"}
+
+    assert other_norms(converted) == other_norms(compared["original"]) - set(block["norms"]) - set(block["removed"]), (
+        "every stream norm is a CRMSNorm; only inner norms stay as they were"
+    )
     assert block["target"] == "crmsnorm" and block["hidden_size"] == d and block["residual_width"] == d - 1
     assert block["requires_remote_code"] and config["model_type"].startswith("prenorm_")
     assert converted.config.hidden_size == d, "attention keeps hidden_size: heads split the same way"

@@ -37,6 +37,8 @@ class Case:
     inner_norms: dict = field(default_factory=dict)
     # one case per family also converts a bf16 source (the other layouts share its numerics)
     bf16: bool = True
+    # (model_type, class) of the stock RMSNorm architecture the default output is (spec lands_in)
+    lands_in: tuple[str, str] | None = None
 
 
 def _mask_buffers(template: str, layers: int = 2, positions: int = 128) -> dict[str, torch.Tensor]:
@@ -88,7 +90,9 @@ CASES = [
     Case("persimmon", "persimmon", {"tie_word_embeddings": False}, inner_norms={"LayerNorm": 4}),
     Case("nemotron", "nemotron", {"tie_word_embeddings": False}, loads_without_remote_code=False),  # stores γ - 1
     Case("biogpt", "biogpt"),
-    Case("olmo-untied", "olmo", {"tie_word_embeddings": False}),  # LayerNorms without parameters
+    # LayerNorms without parameters: the default output is a stock Llama (tied and untied sources)
+    Case("olmo-untied", "olmo", {"tie_word_embeddings": False}, lands_in=("llama", "LlamaForCausalLM")),
+    Case("olmo-tied", "olmo", {"tie_word_embeddings": True}, lands_in=("llama", "LlamaForCausalLM"), bf16=False),
     Case("olmo-clip_qkv-tied", "olmo", {"clip_qkv": 0.5}, bf16=False),
 ]
 BY_ID = {case.id: case for case in CASES}
@@ -125,6 +129,8 @@ def test_every_target_is_equivalent_with_every_norm_replaced(converted, case, ta
     src, out = converted(case.id, TARGETS[target])
     compared = assert_equivalent(src, out, remote=True)
     expected = {"crmsnorm": "PrenormCRMSNorm"}.get(target, "PrenormRMSNorm")
+    if case.lands_in and target != "crmsnorm":  # the stock architecture's own RMSNorm
+        expected = case.lands_in[1].replace("ForCausalLM", "RMSNorm")
     converted_norms = Counter(type(m).__name__ for m in compared["converted"].modules() if "Norm" in type(m).__name__)
     stream_norms = converted_norms - Counter(case.inner_norms)
     assert set(stream_norms) == {expected}, f"only inner norms may keep their class: {dict(converted_norms)}"
@@ -137,11 +143,16 @@ def test_every_target_is_equivalent_with_every_norm_replaced(converted, case, ta
 def test_the_default_target_loads_as_the_stock_class_where_it_can(converted, case):
     src, out = converted(case.id, TARGETS["rmsnorm"])
     config = json.loads((out / "config.json").read_text())
-    assert (config["model_type"] == case.model_type) == case.loads_without_remote_code
+    model_type = case.lands_in[0] if case.lands_in else case.model_type
+    assert (config["model_type"] == model_type) == case.loads_without_remote_code
     if case.loads_without_remote_code:
-        compared = assert_equivalent(src, out, remote=False, padded=False)
-        assert type(compared["converted"]).__name__ == type(compared["original"]).__name__
-        assert norm_types(compared["converted"]) == norm_types(compared["original"])
+        compared = assert_equivalent(src, out, remote=False, padded=case.lands_in is not None)
+        if case.lands_in:  # the stock RMSNorm architecture: no remote code written or needed
+            assert type(compared["converted"]).__name__ == case.lands_in[1] and "auto_map" not in config
+            assert not (out / "modeling_prenorm.py").exists()
+        else:
+            assert type(compared["converted"]).__name__ == type(compared["original"]).__name__
+            assert norm_types(compared["converted"]) == norm_types(compared["original"])
 
 
 BF16_CASES = [case for case in CASES if case.bf16]

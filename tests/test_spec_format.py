@@ -177,3 +177,23 @@ def test_legacy_remote_code_uploads_are_refused_with_what_to_convert_instead(bui
     result = run_cli("convert", src, tmp_path / "out")
     assert result.exit_code == 2 and f"cannot convert model_type '{model_type}'" in result.stderr
     assert "transformers-native revision" in result.stderr and snapshot(tmp_path) == before
+
+
+def test_olmo_lands_in_llama_unless_clip_qkv_and_inspect_says_so(built, tmp_path):
+    folder = built("olmo")
+    shown = run_cli("inspect", folder, "--json")
+    assert shown.exit_code == 0, shown.stderr
+    report = json.loads(shown.stdout)
+    assert report["lands_in"] == "LlamaForCausalLM" and not report["requires_remote_code"]
+    assert any("stock LlamaForCausalLM" in note for note in report["notes"])
+    out = tmp_path / "out"
+    assert run_cli("convert", folder, out, "--quiet", "--no-verify").exit_code == 0
+    assert "AutoModelForCausalLM.from_pretrained(\"PATH_OR_REPO\")" in (out / "README.md").read_text()
+    clipped = tmp_path / "clipped"
+    clipped.mkdir()
+    for entry in folder.iterdir():
+        (clipped / entry.name).write_bytes(entry.read_bytes())
+    config = json.loads((clipped / "config.json").read_text())
+    (clipped / "config.json").write_text(json.dumps({**config, "clip_qkv": 0.5}))
+    report = json.loads(run_cli("inspect", clipped, "--json").stdout)
+    assert report["lands_in"] is None and report["requires_remote_code"] is False  # OLMo's own class, LayerNorms
