@@ -25,10 +25,26 @@ REPORT_ROWS = (
 def report_rows(report: dict) -> list[tuple[str, str]]:
     # a non-finite measurement is written as null (docs/report.md, "Strict JSON") and fails the gate
     rows = [(label, "non-finite" if report[key] is None else fmt.format(report[key])) for label, key, fmt in REPORT_ROWS]
+    rows += _layer_rows(report)
     greedy = report["greedy_match"]
     rows.append(("greedy generation", f"{'identical' if greedy['identical'] else 'DIFFERENT'} ({greedy['tokens_compared']} tokens)"))
     rows.append(("passed", "yes" if report["passed"] else "NO: " + "; ".join(report["failures"])))
     return rows
+
+
+def _layer_rows(report: dict) -> list[tuple[str, str]]:
+    """The per-layer audit in two rows: the worst layer, and the first one over tolerance."""
+    layers = report.get("per_layer")
+    if not layers:
+        return []
+    worst = max(layers, key=lambda entry: float("inf") if entry["max_abs_diff"] is None else entry["max_abs_diff"])
+    shown = "non-finite" if worst["max_abs_diff"] is None else f"{worst['max_abs_diff']:.3e}"
+    first = report.get("first_bad_layer")
+    writer = f" ({report['first_bad_writer']})" if report.get("first_bad_writer") else ""
+    return [
+        (f"worst layer Δ / scale (of {len(layers)})", f"layer {worst['layer']}: {shown}"),
+        ("first layer off", "none" if first is None else f"{first}{writer}"),
+    ]
 
 
 def loading_instructions(config: dict) -> str:

@@ -19,6 +19,7 @@ import torch
 from .errors import BadInputError
 from .digests import folder_digests
 from .jsonout import finite_or_none
+from .layer_audit import LayerAudit
 from .progress import SILENT, Reporter
 
 DEFAULT_PROMPTS = (
@@ -135,8 +136,13 @@ def _finite_or_zero(value: float) -> float:
 
 
 def failure_message(report: dict) -> str:
-    """The one line a failed report is summed up in (CLI and VerificationFailed)."""
-    return "verification failed: " + "; ".join(report["failures"])
+    """The one line a failed report is summed up in (CLI and VerificationFailed), naming the first
+    layer whose output departs from the original's (and its worst writer) when the audit found one."""
+    where = ""
+    if report.get("first_bad_layer") is not None:
+        writer = f", worst writer {report['first_bad_writer']}" if report.get("first_bad_writer") else ""
+        where = f" (first layer off: {report['first_bad_layer']}{writer})"
+    return "verification failed: " + "; ".join(report["failures"]) + where
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -161,9 +167,10 @@ def load_original(path: str | Path, dtype: torch.dtype):
     return model.eval()
 
 
-def check_pair(original: Path, converted: Path) -> None:
+def check_pair(original: Path, converted: Path):
     """CONVERTED is a folder written by prenorm-convert from a checkpoint of ORIGINAL's family and
-    shape (its prenorm block records both); anything else is a usage error, not a failed comparison."""
+    shape (its prenorm block records both); anything else is a usage error, not a failed comparison.
+    Returns ORIGINAL's family spec."""
     from .checkpoint import read_config
     from .spec import match_spec
 
@@ -185,6 +192,7 @@ def check_pair(original: Path, converted: Path) -> None:
                 f"'{converted}' was converted from a checkpoint with {key} {converted_config[key]}, but ORIGINAL "
                 f"'{original}' has {key} {original_config[key]}; pass the pair that belongs together"
             )
+    return spec
 
 
 def converted_folder_config(path: str | Path) -> dict:
@@ -283,6 +291,21 @@ def _tokenizer(path: str | Path):
 @torch.no_grad()
 def _logits(model, prompts: list[torch.Tensor]) -> list[torch.Tensor]:
     return [model(ids[None, :]).logits[0].to(torch.float64) for ids in prompts]
+
+
+def paired_logits(reference_model, candidate_model, prompts: list[torch.Tensor], audit: LayerAudit | None):
+    """Both models' logits on every prompt, each prompt run by both in turn so that the per-layer
+    audit compares their layer outputs as it goes (nothing per layer is kept but running maxima)."""
+    if audit is None:
+        return _logits(reference_model, prompts), _logits(candidate_model, prompts)
+    reference, candidate = [], []
+    for ids in prompts:
+        reference_logits, reference_outputs = audit.record(reference_model, ids)
+        candidate_logits, candidate_outputs = audit.record(candidate_model, ids)
+        audit.compare(reference_outputs, candidate_outputs)
+        reference.append(reference_logits)
+        candidate.append(candidate_logits)
+    return reference, candidate
 
 
 def compare_logits(reference: list[torch.Tensor], candidate: list[torch.Tensor]) -> dict:
@@ -433,16 +456,17 @@ def verify(
             raise BadInputError(f"'{path}' is not a checkpoint folder")
         check_path_encoding(path, what)
     weights_format(Path(original), allow_pickle)
-    check_pair(Path(original), Path(converted))
+    spec = check_pair(Path(original), Path(converted))
     dtype = dtype or converted_dtype(converted)
     with reporter.step("loading the original and the converted model"):
         reference_model = load_original(original, torch.float32)
         candidate_model = load_converted(converted, dtype=dtype)
     vocab_size = reference_model.get_output_embeddings().weight.shape[0]
     prompts, greedy_prompts = fit_positions(build_prompts(original, vocab_size, prompt_lines), reference_model.config, tolerances.greedy_tokens)
-    with reporter.step(f"comparing logits on {len(prompts)} prompts"):
-        reference = _logits(reference_model, prompts)
-        candidate = _logits(candidate_model, prompts)
+    resolved = spec.resolve(reference_model.config)  # the roles of this config's modules
+    audit = LayerAudit.for_spec(resolved, resolved.num_layers(reference_model.config.to_dict()), candidate_model.config.prenorm)
+    with reporter.step(f"comparing logits and every layer's output on {len(prompts)} prompts"):
+        reference, candidate = paired_logits(reference_model, candidate_model, prompts, audit)
         metrics = compare_logits(reference, candidate)
         logit_scale = float(torch.cat(reference).abs().max())
         original_error = weights_error = None
@@ -490,6 +514,7 @@ def verify(
         failures.append(f"top-1 agreement {metrics['top1_agreement']:.4f} < {limits['min_top1']:.4f}")
     if limits["require_greedy_match"] and not all(matches):
         failures.append("greedy generations differ")
+    layers = audit.result(limits["max_abs_logit_diff"] / max(logit_scale, 1e-30)) if audit is not None else {}
     report = {
         **{key: value for key, value in metrics.items()},
         "relative_max_abs_logit_diff": metrics["max_abs_logit_diff"] / max(logit_scale, 1e-30),
@@ -501,6 +526,7 @@ def verify(
             "reference": _dtype_name(dtype) + " original" if original_error is not None else "float32 original",
         },
         "residual_mean_max": residual,
+        **layers,
         **params,
         "non_finite_tensors": non_finite,
         "dtype": _dtype_name(dtype),

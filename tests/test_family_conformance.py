@@ -137,6 +137,7 @@ def test_every_target_is_equivalent_with_every_norm_replaced(converted, case, ta
     assert converted_norms - stream_norms == Counter(case.inner_norms), "every inner norm is left as it is"
     report = json.loads((out / "conversion_report.json").read_text())
     assert report["passed"] and report["residual_mean_max"] < 1e-5
+    assert report["first_bad_layer"] is None and len(report["per_layer"]) == 2, "every layer audited, none off"
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
@@ -166,6 +167,7 @@ def test_a_bf16_source_passes_the_default_bf16_gate(case, tmp_path):
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["passed"] and report["dtype"] == "bfloat16" and report["rounded_weights"]["tensors_not_matching"] == []
+    assert report["first_bad_layer"] is None, report["per_layer"]
 
 
 def test_families_and_inspect_list_every_case(source):

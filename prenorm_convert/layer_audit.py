@@ -1,0 +1,122 @@
+"""Per-layer audit: where a converted model departs from its original (docs/report.md "Per-layer audit").
+
+Both models run each prompt side by side with forward hooks on every decoder layer and every writer
+of the residual stream (paths from the family spec, so nothing here knows a family). Layer k's output
+in the converted model must be the original's output minus its mean over features (docs/math.md "Why
+it is exact"); for crmsnorm, its first d−1 features. Each writer's output must likewise be the
+original's centred. Only running maxima are kept, so memory does not grow with the prompt count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .spec import LAYER, FamilySpec, expand
+
+
+def layer_template(spec: FamilySpec) -> str | None:
+    """The decoder layer's module path with '{L}' (e.g. 'transformer.h.{L}'), read off the spec's
+    per-layer norms; None for a spec without per-layer norms."""
+    for group in spec.norms:
+        if LAYER in group.norm:
+            return group.norm[: group.norm.index(LAYER) + len(LAYER)]
+    return None
+
+
+def _output(value) -> torch.Tensor:
+    """A layer's hidden-state output: the tensor itself, or the first element of the tuple it returns."""
+    return value[0] if isinstance(value, (tuple, list)) else value
+
+
+@dataclass
+class _Maxima:
+    """Running maxima of one module's comparison over all prompts."""
+
+    diff: float = 0.0  # max |converted - centred original| over the compared features
+    scale: float = 0.0  # max |centred original|
+    mean_over_rms: float = 0.0  # max |mean| / rms of the converted full-width output (layers only)
+
+    def relative(self) -> float:
+        return self.diff / self.scale if self.scale > 0 else (0.0 if self.diff == 0 else float("inf"))
+
+
+@dataclass
+class LayerAudit:
+    layers: list[str]
+    writers: list[list[str]]  # per layer, the writer module paths
+    width: int  # residual width compared (d, or d-1 for crmsnorm)
+    crmsnorm: bool
+    maxima: dict[str, _Maxima] = field(default_factory=dict)
+
+    @classmethod
+    def for_spec(cls, spec: FamilySpec, num_layers: int, block: dict) -> "LayerAudit | None":
+        template = layer_template(spec)
+        if template is None:
+            return None
+        layers = expand(template, num_layers)
+        writers = [[w.replace(LAYER, str(i)) for w in spec.writers if LAYER in w] for i in range(num_layers)]
+        crmsnorm = block["target"] == "crmsnorm"
+        return cls(layers, writers, block["residual_width"], crmsnorm)
+
+    @torch.no_grad()
+    def record(self, model, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Run ``model`` on one prompt; (its logits, every audited module's output in float64)."""
+        captured: dict[str, torch.Tensor] = {}
+        handles = []
+        for path in self.layers + [w for group in self.writers for w in group]:
+            def hook(_module, _args, output, path=path):
+                # a copy: some layers add into a writer's output in place (Falcon: mlp_output += ...)
+                captured[path] = _output(output).detach().to(torch.float64, copy=True)
+
+            handles.append(model.get_submodule(path).register_forward_hook(hook))
+        try:
+            logits = model(ids[None, :]).logits[0].to(torch.float64)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return logits, captured
+
+    def compare(self, reference: dict[str, torch.Tensor], candidate: dict[str, torch.Tensor]) -> None:
+        """Fold one prompt's outputs into the running maxima."""
+        for path, original in reference.items():
+            converted = candidate[path]
+            centred = original - original.mean(-1, keepdim=True)
+            maxima = self.maxima.setdefault(path, _Maxima())
+            compared = converted[..., : self.width]
+            maxima.diff = _max(maxima.diff, (compared - centred[..., : self.width]).abs().max())
+            maxima.scale = _max(maxima.scale, centred.abs().max())
+            if path in self.layers:
+                # crmsnorm: the implied last feature is minus the sum (zero mean by construction, in float64)
+                full = torch.cat([compared, -compared.sum(-1, keepdim=True)], dim=-1) if self.crmsnorm else compared
+                rms = full.pow(2).mean(-1).sqrt().clamp_min(1e-30)
+                maxima.mean_over_rms = _max(maxima.mean_over_rms, (full.mean(-1).abs() / rms).max())
+
+    def result(self, tolerance: float) -> dict:
+        """``per_layer`` entries, ``first_bad_layer`` (relative Δ over ``tolerance``) and, for that
+        layer, its worst writer."""
+        per_layer = [
+            {
+                "layer": index,
+                "mean_over_rms": self.maxima[path].mean_over_rms,
+                "max_abs_diff": self.maxima[path].relative(),
+            }
+            for index, path in enumerate(self.layers)
+            if path in self.maxima
+        ]
+        bad = next((entry["layer"] for entry in per_layer if not entry["max_abs_diff"] <= tolerance), None)
+        writer = None
+        if bad is not None and self.writers[bad]:
+            writer = max(self.writers[bad], key=lambda path: _sortable(self.maxima[path].relative()))
+        return {"per_layer": per_layer, "first_bad_layer": bad, "first_bad_writer": writer, "layer_tolerance": tolerance}
+
+
+def _max(current: float, value: torch.Tensor) -> float:
+    """max() that keeps NaN (a NaN output must show, not vanish)."""
+    value = float(value)
+    return value if value != value or value > current else current
+
+
+def _sortable(value: float) -> float:
+    return float("inf") if value != value else value
