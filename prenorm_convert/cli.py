@@ -192,6 +192,11 @@ PadToOption = typer.Option(
     "matrix kernels; same function, see README 'Pre-CRMSNorm'.",
 )
 TokenOption = typer.Option(None, "--token", help="Hub token (default: HF_TOKEN, then the saved login).", show_default=False)
+UntieHeadOption = typer.Option(
+    False,
+    "--untie-head",
+    help="Store the centred embedding and the head apart (+V·d parameters) instead of keeping a tied table tied.",
+)
 AllowPickleOption = typer.Option(False, "--allow-pickle", help="Accept pickled *.bin weights (loaded with torch.load(weights_only=True)).")
 SECRET_OPTIONS = ("--token",)
 
@@ -234,6 +239,7 @@ def convert(
     target: str = typer.Option("rmsnorm", help="rmsnorm (same width) or crmsnorm (d-1 wide stream)."),
     fold_affine: bool = typer.Option(False, "--fold-affine", help="Fold γ, β into the readers: weightless RMSNorm."),
     pad_to: Optional[int] = PadToOption,
+    untie_head: bool = UntieHeadOption,
     dtype: str = typer.Option("auto", help="auto (keep the stored dtype), float32, float16 or bfloat16."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists (only once everything succeeded, verification included)."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the equivalence check."),
@@ -280,6 +286,7 @@ def convert(
                 out,
                 target=target,
                 fold_affine=fold_affine,
+                untie_head=untie_head,
                 dtype=dtype,
                 overwrite=overwrite,
                 verify_output=not no_verify,
@@ -366,6 +373,7 @@ def inspect_command(
     target: str = typer.Option("rmsnorm", help="rmsnorm or crmsnorm."),
     fold_affine: bool = typer.Option(False, "--fold-affine", help="Plan the weightless variant (γ, β folded into the readers)."),
     pad_to: Optional[int] = PadToOption,
+    untie_head: bool = UntieHeadOption,
     dtype: str = typer.Option("auto", help="auto (keep the stored dtype), float32, float16 or bfloat16."),
     allow_pickle: bool = AllowPickleOption,
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON on stdout."),
@@ -384,7 +392,15 @@ def inspect_command(
         from .inspection import describe
 
         info = describe(
-            src, target=target, fold_affine=fold_affine, dtype=dtype, allow_pickle=allow_pickle, revision=revision, token=token, pad_to=pad_to
+            src,
+            target=target,
+            fold_affine=fold_affine,
+            dtype=dtype,
+            allow_pickle=allow_pickle,
+            revision=revision,
+            token=token,
+            pad_to=pad_to,
+            untie_head=untie_head,
         )
         if as_json:
             sys.stdout.write(jsonout.dumps(info))

@@ -86,6 +86,8 @@ def converted_config(source: SourceCheckpoint, plan: ConversionPlan, source_name
         "hidden_size": plan.hidden_size,
         "residual_width": plan.residual_width,
         "untied_head": plan.untied_head,
+        # embeddings whose rows the converted model centres at lookup (a table kept tied to the head)
+        "centered_at_lookup": plan.centered_at_lookup,
         "requires_remote_code": plan.requires_remote_code,
         "norms": plan.norms,
         "biased": plan.biased,
@@ -170,6 +172,7 @@ def convert(
     revision: str | None = None,
     token: str | None = None,
     pad_to: int | None = None,
+    untie_head: bool = False,
     reporter: Reporter = SILENT,
 ) -> ConversionResult:
     """Convert the Pre-LN checkpoint in SRC into OUT. Raises VerificationFailed (after writing OUT,
@@ -192,7 +195,7 @@ def convert(
         check_greedy_fits(source.config, (tolerances or Tolerances()).greedy_tokens)
     spec = match_spec(source.config)
     with reporter.step(f"planning the {target} conversion of a {spec.family} checkpoint"):
-        plan = make_plan(source, spec, target=target, fold_affine=fold_affine, dtype=out_dtype, pad_to=pad_to)
+        plan = make_plan(source, spec, target=target, fold_affine=fold_affine, dtype=out_dtype, pad_to=pad_to, untie_head=untie_head)
     report = None
     def mention_stale(folder: Path) -> None:
         reporter.warn(f"removed {folder}, left behind by an interrupted conversion into '{out}' that no running process owns")

@@ -22,13 +22,14 @@ def describe(
     revision: str | None = None,
     token: str | None = None,
     pad_to: int | None = None,
+    untie_head: bool = False,
 ) -> dict:
     # a hub id: config, index and safetensors headers, and the few tensors the plan reads (β)
     resolved = resolve_source(src, revision=revision, token=token, allow_pickle=allow_pickle, headers_only=True)
     check_path_encoding(resolved.path, "SRC")
     source = SourceCheckpoint.open(resolved.path, allow_pickle=allow_pickle, shards=resolved.shards)
     spec = match_spec(source.config)
-    plan = make_plan(source, spec, target=target, fold_affine=fold_affine, dtype=parse_dtype(dtype), pad_to=pad_to)
+    plan = make_plan(source, spec, target=target, fold_affine=fold_affine, dtype=parse_dtype(dtype), pad_to=pad_to, untie_head=untie_head)
     changes = Counter()
     for op in plan.ops:
         words = [STEPS[name].words for name, _ in op.steps if STEPS[name].words]
@@ -45,6 +46,7 @@ def describe(
         "residual_width": width,
         "num_layers": plan.num_layers,
         "untie_head": plan.untied_head,
+        "centered_at_lookup": plan.centered_at_lookup,
         "stored_dtype": str(plan.source_dtype).removeprefix("torch."),
         "output_dtype": str(plan.out_dtype).removeprefix("torch."),
         "target": target,
@@ -90,6 +92,13 @@ def _notes(plan) -> list[str]:
         notes.append(
             f"the tied head is untied: {plan.spec.head} keeps the original embedding "
             f"(+{plan.params_converted - plan.params_original:,} parameters)"
+        )
+    if plan.centered_at_lookup:
+        kept = " (the final norm keeps its γ, β, which the head reads)" if plan.fold_affine else ""
+        notes.append(
+            f"the head stays tied to {', '.join(plan.centered_at_lookup)}: the table is stored once, as it is, and the "
+            f"converted model centres its rows at lookup{kept}; --untie-head stores the centred table and the head apart "
+            "instead"
         )
     if plan.head_stored_apart:
         notes.append(

@@ -202,6 +202,15 @@ def _resize_parameters(model: nn.Module, resized: dict) -> None:
             setattr(module, attribute, module.weight.shape[axis])
 
 
+def center_rows_hook(_module: nn.Module, _args, output: torch.Tensor) -> torch.Tensor:
+    """An embedding's rows centred at lookup (a table stored once, tied to the head, uncentred):
+    the mean over features is taken in float32 (float64 stays) and subtracted with one rounding,
+    as a stored centred table would have been rounded once. Differentiable, so training the table
+    trains it through the centring (docs/math.md "Tied embeddings")."""
+    work = output.to(torch.promote_types(output.dtype, torch.float32))
+    return (work - work.mean(-1, keepdim=True)).to(output.dtype)
+
+
 def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, name = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
@@ -226,6 +235,8 @@ def apply_prenorm_swaps(model: nn.Module, block: dict) -> None:
             linear.bias = nn.Parameter(torch.zeros(_out_features(linear)))
     for path in block.get("removed", []):
         _set_submodule(model, path, nn.Identity())
+    for path in block.get("centered_at_lookup", []):
+        model.get_submodule(path).register_forward_hook(center_rows_hook)
 
 
 def _make_config_class(base_name: str) -> type:

@@ -70,6 +70,9 @@ class ConversionPlan:
     head_stored_apart: bool = False
     # the output is this stock RMSNorm architecture exactly (spec lands_in), written under its names
     landing: Landing | None = None
+    # embeddings stored as they are (a table tied to the head), whose rows the converted model
+    # centres at lookup (modeling.py); the stock class's LayerNorms need no centring
+    centered_at_lookup: list[str] = field(default_factory=list)
 
     @property
     def residual_width(self) -> int:
@@ -115,13 +118,21 @@ def _numel(shape) -> int:
 
 class _Planner:
     def __init__(
-        self, source: SourceCheckpoint, spec: FamilySpec, target: str, fold_affine: bool, dtype: torch.dtype | None, pad_to: int | None = None
+        self,
+        source: SourceCheckpoint,
+        spec: FamilySpec,
+        target: str,
+        fold_affine: bool,
+        dtype: torch.dtype | None,
+        pad_to: int | None = None,
+        untie_head: bool = False,
     ):
         if target not in TARGETS:
             raise BadInputError(f"--target must be one of {', '.join(TARGETS)}, got '{target}'")
         if pad_to is not None and (target != "crmsnorm" or pad_to < 1):
             raise BadInputError(f"--pad-to needs --target crmsnorm and a positive multiple, got --target {target} --pad-to {pad_to}")
         self.pad_to = pad_to
+        self.untie_head = untie_head
         self.source, self.spec, self.target = source, spec, target
         self.fold = fold_affine or target == "crmsnorm"
         self.dtype = dtype
@@ -217,7 +228,7 @@ class _Planner:
         return (weight if weight and self.has(weight) else None), (bias if bias and self.has(bias) else None)
 
     def plan(self) -> ConversionPlan:
-        tied, head_stored_apart = self._head_tie()
+        tied, head_stored_apart, self.tie_kept = self._head_tie()
         self._plan_embeddings()
         self._plan_writers()
         self._plan_norms(tied)
@@ -225,20 +236,28 @@ class _Planner:
         self._plan_the_rest()
         return self._assemble(tied, head_stored_apart, landing)
 
-    def _head_tie(self) -> tuple[bool, bool]:
-        """(the head is untied from the embedding, the config ties a head the file stores apart).
+    def _head_tie(self) -> tuple[bool, bool, bool]:
+        """(the head is untied from the embedding, the config ties a head the file stores apart,
+        the tie is kept with the table centred at lookup).
 
-        A tied head is computed from the embedding (when transformers ties them: _head_is_table):
-        the head reads the embedding's key and is written untied. It is untied only if the
-        conversion rewrites the shared table or the head (docs/math.md "Tied embeddings"); OPT with
-        project_in keeps both embed_tokens and the head, and their tie."""
+        A tied head is computed from the embedding (when transformers ties them: _head_is_table).
+        When the conversion would rewrite the shared table or the head (docs/math.md "Tied
+        embeddings"), the rmsnorm target keeps the tie: the table is stored as it is, once, and the
+        converted model centres its rows at lookup; the final norm keeps its γ, β even under
+        --fold-affine, so that the head stays the table. crmsnorm, a stem norm on the table, or
+        --untie-head write the head untied, from the original table. OPT with project_in keeps both
+        embed_tokens and the head, and their tie, unchanged."""
         spec, L = self.spec, self.L
         rewritten = {m for t in spec.embeddings for m in expand(t, L)} | {
             reader for group in spec.norms for _, readers in expand_group(group, L) for reader in readers
         }
         config_tied = spec.is_tied(self.settings)
         head_is_table = config_tied and self._head_is_table()
-        return head_is_table and bool({spec.head, spec.head_tied_to} & rewritten), config_tied and not head_is_table
+        shared = head_is_table and bool({spec.head, spec.head_tied_to} & rewritten)
+        stem_tables = {stem.embedding for stem in spec.stem_norms}
+        # a stock architecture the output lands in cannot centre at lookup: there the table is stored centred
+        keep = shared and not self.untie_head and self.target == "rmsnorm" and spec.head_tied_to not in stem_tables and spec.lands_in is None
+        return shared and not keep, config_tied and not head_is_table, keep
 
     def _plan_embeddings(self) -> None:
         spec, L = self.spec, self.L
@@ -249,6 +268,10 @@ class _Planner:
                 name = f"{module}.weight"
                 steps: list[tuple[str, dict]] = []
                 inputs = {"x": self.key(name)}
+                if self.tie_kept and module == spec.head_tied_to:
+                    # stored once, as it is: the converted model centres its rows at lookup
+                    self.add(name, "embedding", inputs, [("identity", {})])
+                    continue
                 if module in stem_embeddings:
                     stem = stem_embeddings[module]
                     gamma, beta = self.norm_params(stem.norm)
@@ -281,10 +304,12 @@ class _Planner:
                 gamma, beta = self.norm_params(norm)
                 width = self.d - 1 if compress else self.d
                 eps = self.spec.norm_module.epsilon(module_at(self.model, norm, self.spec))
+                keeps_head = self.tie_kept and self.spec.head in readers
+                fold = self.fold and not keeps_head  # a head kept tied reads γ, β from its norm
                 self.norms[norm] = {
-                    "kind": self.target, "affine": not self.fold and gamma is not None, "bias": beta is not None, "width": width, "eps": eps,
+                    "kind": self.target, "affine": not fold and gamma is not None, "bias": beta is not None, "width": width, "eps": eps,
                 }
-                if not self.fold:
+                if not fold:
                     offset = self.spec.norm_module.weight_offset
                     if gamma:  # the norm computes with γ + weight_offset (docs/math.md "Norms")
                         self.add(gamma, "norm", {"x": self.key(gamma)}, [("add_offset", {"value": offset}) if offset else ("identity", {})])
@@ -293,7 +318,10 @@ class _Planner:
                 else:
                     self.done.update(p for p in (gamma, beta) if p)
                 for reader in readers:
-                    self._plan_reader(reader, gamma, beta, tied)
+                    if keeps_head and reader == self.spec.head:
+                        self._plan_kept_head()
+                    else:
+                        self._plan_reader(reader, gamma, beta, tied, fold)
 
     def _plan_the_rest(self) -> None:
         """Every other stored parameter is copied; a parameter neither planned nor tied is missing."""
@@ -337,6 +365,7 @@ class _Planner:
             ops=self._ordered(landing),
             dropped=dropped,
             untied_head=tied,
+            centered_at_lookup=[self.spec.head_tied_to] if self.tie_kept else [],
             head_stored_apart=head_stored_apart,
             norms=self.norms if landing is None else {landing.renamed(norm): entry for norm, entry in self.norms.items()},
             biased=self.biased,
@@ -380,19 +409,25 @@ class _Planner:
         blocks = [(start, min(start + rows, a.shape[0])) for start in range(0, a.shape[0], rows)]
         return all(torch.equal(self.source.read_rows(first, *block), self.source.read_rows(second, *block)) for block in blocks)
 
-    def _plan_reader(self, reader: str, gamma: str | None, beta: str | None, tied: bool) -> None:
+    def _plan_kept_head(self) -> None:
+        """A head kept tied is the stored table (transformers ties it at load); only a bias of its own is copied."""
+        bias = f"{self.spec.head}.bias"
+        if self.has(bias):
+            self.add(bias, "reader", {"x": self.key(bias)}, [("identity", {})])
+
+    def _plan_reader(self, reader: str, gamma: str | None, beta: str | None, tied: bool, fold: bool) -> None:
         spec = self.spec
         layout = spec.layout_of(reader)
         weight, bias = f"{reader}.weight", f"{reader}.bias"
         weight_key = self.key(spec.head_tied_to + ".weight") if (reader == spec.head and tied) else self.key(weight)
         dtype_from = spec.head_tied_to + ".weight" if (reader == spec.head and tied) else weight
         compress = self._compressed("input", layout) if self.target == "crmsnorm" else []
-        if self.fold and gamma:
+        if fold and gamma:
             offset = {"gamma_offset": self.spec.norm_module.weight_offset} if self.spec.norm_module.weight_offset else {}
             self.add(weight, "reader", {"weight": weight_key, "gamma": self.key(gamma)}, [("fold_gamma", {"layout": layout, **offset})] + compress, dtype_from)
         else:
             self.add(weight, "reader", {"x": weight_key}, [("identity", {})] + compress, dtype_from)
-        if self.fold and beta and _nonzero(self.source.read(self.key(beta))):
+        if fold and beta and _nonzero(self.source.read(self.key(beta))):
             inputs = {"weight": weight_key, "beta": self.key(beta)}
             if self.has(bias):
                 inputs["bias"] = self.key(bias)
@@ -454,5 +489,6 @@ def make_plan(
     fold_affine: bool = False,
     dtype: torch.dtype | None = None,
     pad_to: int | None = None,
+    untie_head: bool = False,
 ) -> ConversionPlan:
-    return _Planner(source, spec, target, fold_affine, dtype, pad_to).plan()
+    return _Planner(source, spec, target, fold_affine, dtype, pad_to, untie_head).plan()

@@ -345,7 +345,10 @@ def rounded_weights_error(original: Path, converted: Path, prompts: list[torch.T
     source = SourceCheckpoint.open(original, allow_pickle=allow_pickle)
     try:
         spec = match_spec(source.config)
-        plan = make_plan(source, spec, block["target"], block["fold_affine"], torch.float64, block.get("pad_to"))
+        # an untied head (asked for, or needed) is planned untied again: the same tensors
+        plan = make_plan(
+            source, spec, block["target"], block["fold_affine"], torch.float64, block.get("pad_to"), untie_head=block.get("untied_head", False)
+        )
         model = load_converted(converted, dtype=torch.float32)
         stored = _logits(model, prompts)
         rewritten = [op for op in plan.ops if op.changed]

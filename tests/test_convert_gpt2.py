@@ -55,7 +55,7 @@ def test_fold_affine_output_refuses_to_load_without_remote_code(converted):
         transformers.AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=False)
 
 
-def test_output_layout_index_side_files_and_untied_head(converted, gpt2_dir):
+def test_output_layout_index_side_files_and_the_head_kept_tied(converted, gpt2_dir):
     src, out = converted("gpt2_dir", ())
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
@@ -63,12 +63,33 @@ def test_output_layout_index_side_files_and_untied_head(converted, gpt2_dir):
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (out / name).read_bytes() == (src / name).read_bytes()
     config = json.loads((out / "config.json").read_text())
-    assert config["tie_word_embeddings"] is False
-    assert config["prenorm"]["target"] == "rmsnorm" and config["prenorm"]["untied_head"] is True
+    assert config["tie_word_embeddings"] is True, "a tied source stays tied"
+    block = config["prenorm"]
+    assert block["target"] == "rmsnorm" and block["untied_head"] is False and block["centered_at_lookup"] == ["transformer.wte"]
     assert (out / "modeling_prenorm.py").exists()
     imports = [line for line in (out / "modeling_prenorm.py").read_text().splitlines() if line.startswith(("import ", "from "))]
     assert all(line.split()[1].split(".")[0] in {"torch", "transformers", "__future__"} for line in imports), imports
-    # the head keeps the original embedding; the embedding itself is centered
+    # the table is stored once, as it is (the converted model centres its rows at lookup); no head of its own
+    original = load(src, remote=False)
+    assert "lm_head.weight" not in index["weight_map"]
+    with safe_open(str(out / index["weight_map"]["transformer.wte.weight"]), "pt") as handle:
+        wte = handle.get_tensor("transformer.wte.weight")
+    assert torch.equal(wte, original.transformer.wte.weight)
+    report = json.loads((out / "conversion_report.json").read_text())
+    assert report["params_converted"] == report["params_original"]
+    sizes = [sum(p.stat().st_size for p in folder.glob("*.safetensors")) for folder in (src, out)]
+    assert sizes[1] <= 1.01 * sizes[0], f"the converted weights ({sizes[1]} B) are no larger than the original's ({sizes[0]} B)"
+    # the centring at lookup makes the converted stream zero-mean, the stock class needs none
+    assert 0 < report["residual_mean_max"] < 1e-5
+    assert_equivalent(src, out, remote=False, padded=False)
+
+
+def test_untie_head_stores_the_centred_table_and_the_head_apart(converted, gpt2_dir):
+    src, out = converted("gpt2_dir", ("--untie-head",))
+    config = json.loads((out / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False and config["prenorm"]["untied_head"] is True
+    assert config["prenorm"]["centered_at_lookup"] == []
+    index = json.loads((out / "model.safetensors.index.json").read_text())
     original = load(src, remote=False)
     with safe_open(str(out / index["weight_map"]["lm_head.weight"]), "pt") as handle:
         head = handle.get_tensor("lm_head.weight")
@@ -78,6 +99,7 @@ def test_output_layout_index_side_files_and_untied_head(converted, gpt2_dir):
     assert wte.double().mean(-1).abs().max() < 1e-6
     report = json.loads((out / "conversion_report.json").read_text())
     assert report["params_converted"] - report["params_original"] == wte.numel()
+    assert_equivalent(src, out, remote=True)
     card = (out / "README.md").read_text()
     assert card.startswith("---\n") and "trust_remote_code=True" in card and "top-1 agreement" in card
 
@@ -148,8 +170,11 @@ def test_inspect_and_families(gpt2_dir, checkpoints):
     result = run_cli("inspect", gpt2_dir, "--fold-affine", "--json")
     assert result.exit_code == 0, result.stderr
     info = json.loads(result.stdout)
-    assert info["family"] == "gpt2" and info["untie_head"] is True and info["requires_remote_code"] is True
-    assert info["biases_added"] == ["lm_head"]
+    assert info["family"] == "gpt2" and info["untie_head"] is False and info["requires_remote_code"] is True
+    assert info["biases_added"] == [] and info["centered_at_lookup"] == ["transformer.wte"], "ln_f keeps β for the tied head"
+    assert any("stays tied" in note for note in info["notes"])
+    untied = json.loads(run_cli("inspect", gpt2_dir, "--fold-affine", "--untie-head", "--json").stdout)
+    assert untied["untie_head"] is True and untied["biases_added"] == ["lm_head"] and untied["centered_at_lookup"] == []
     assert sorted(p.name for p in gpt2_dir.iterdir()) == before
     text = run_cli("inspect", gpt2_dir)
     assert text.exit_code == 0 and "center" in text.stdout

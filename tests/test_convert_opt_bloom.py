@@ -119,7 +119,7 @@ def test_opt_rmsnorm_output_loads_as_stock_opt_without_remote_code(converted, na
     assert norm_types(compared["converted"]) == {"LayerNorm"}
 
 
-def test_opt_embeddings_centered_every_position_row_and_head_untied(converted):
+def test_opt_embeddings_centered_every_position_row_and_head_kept_tied(converted):
     src, out = converted("opt")
     original = load(src, remote=False)
     written = tensors(out)
@@ -131,11 +131,12 @@ def test_opt_embeddings_centered_every_position_row_and_head_untied(converted):
     assert row_mean_ratio(original.model.decoder.embed_positions.weight) > 0.1
     expected = original.model.decoder.embed_positions.weight.double()
     torch.testing.assert_close(positions.double(), expected - expected.mean(-1, keepdim=True), rtol=0, atol=1e-6)
-    assert row_mean_ratio(written["model.decoder.embed_tokens.weight"]) < 1e-6
-    # the tied head keeps the original table (docs/math.md "Tied embeddings")
-    assert torch.equal(written["lm_head.weight"], original.model.decoder.embed_tokens.weight)
+    # the token table stays tied to the head, stored as it is: centred at lookup (docs/math.md "Tied embeddings")
+    assert torch.equal(written["model.decoder.embed_tokens.weight"], original.model.decoder.embed_tokens.weight)
+    assert "lm_head.weight" not in written
     out_config = json.loads((out / "config.json").read_text())
-    assert out_config["tie_word_embeddings"] is False and out_config["prenorm"]["untied_head"] is True
+    assert out_config["tie_word_embeddings"] is True and out_config["prenorm"]["untied_head"] is False
+    assert out_config["prenorm"]["centered_at_lookup"] == ["model.decoder.embed_tokens"]
     for layer in range(config.num_hidden_layers):
         for writer in ("self_attn.out_proj", "fc2"):
             weight = written[f"model.decoder.layers.{layer}.{writer}.weight"].double()
@@ -195,7 +196,8 @@ def test_legacy_keys_are_written_in_the_current_style(converted, name, prefixes)
     _, out = converted(name)
     names = set(tensors(out))
     assert names and all(key.startswith(prefixes) for key in names), sorted(names)[:5]
-    assert "lm_head.weight" in names
+    # OPT's tied head stays tied (one table); BLOOM's table has its stem norm baked in, so its head is untied
+    assert ("lm_head.weight" in names) == (name == "bloom-legacy")
 
 
 # -- refusals -------------------------------------------------------------------------------
@@ -300,8 +302,8 @@ def test_inspect_says_bloom_needs_remote_code_and_opt_does_not(source):
     assert any("trust_remote_code=True" in note for note in bloom["notes"])
     assert bloom["changes"]["embedding: bake the stem LayerNorm, center rows"] == 1
     opt = json.loads(run_cli("inspect", source("opt"), "--json").stdout)
-    assert opt["family"] == "opt" and opt["requires_remote_code"] is False and opt["untie_head"] is True
-    assert opt["changes"]["embedding: center rows"] == 2
+    assert opt["family"] == "opt" and opt["requires_remote_code"] is False and opt["untie_head"] is False
+    assert opt["changes"]["embedding: center rows"] == 1, "positions centred; the tied token table is centred at lookup"
     legacy = json.loads(run_cli("inspect", source("bloom-legacy"), "--json").stdout)
     assert legacy["hidden_size"] == 48 and legacy["num_layers"] == 2
     text = run_cli("inspect", source("bloom"))

@@ -51,13 +51,13 @@ def test_stored_tensors_that_are_not_the_rounded_rewrite_fail(bf16_sources, tmp_
     assert run_cli("convert", bf16_sources["gpt2"], out, "--quiet", "--no-verify").exit_code == 0
     weights = out / "model.safetensors"
     tensors = load_file(weights)
-    table = tensors["transformer.wte.weight"]
-    table[0, 0] = table[0, 0] * 1.01  # a percent off in one element: far below any logit tolerance
+    writer = tensors["transformer.h.0.attn.c_proj.weight"]  # a rewritten (centred) tensor
+    writer[0, 0] = writer[0, 0] * 1.01  # a percent off in one element: far below any logit tolerance
     save_file(tensors, weights, metadata={"format": "pt"})
     result = run_cli("verify", bf16_sources["gpt2"], out, "--quiet", "--json", "-")
     assert result.exit_code == 1
     report = json.loads(result.stdout)
-    assert report["rounded_weights"]["tensors_not_matching"] == ["transformer.wte.weight"]
+    assert report["rounded_weights"]["tensors_not_matching"] == ["transformer.h.0.attn.c_proj.weight"]
     assert any("are not the rewrite of ORIGINAL rounded to bfloat16" in failure for failure in report["failures"])
 
 
