@@ -88,6 +88,8 @@ def converted_config(source: SourceCheckpoint, plan: ConversionPlan, source_name
         "untied_head": plan.untied_head,
         # embeddings whose rows the converted model centres at lookup (a table kept tied to the head)
         "centered_at_lookup": plan.centered_at_lookup,
+        # embeddings and writers whose outputs are centred while the model trains (docs/training.md)
+        "train_centered": plan.train_centered,
         "requires_remote_code": plan.requires_remote_code,
         "norms": plan.norms,
         "biased": plan.biased,

@@ -237,6 +237,75 @@ def apply_prenorm_swaps(model: nn.Module, block: dict) -> None:
         _set_submodule(model, path, nn.Identity())
     for path in block.get("centered_at_lookup", []):
         model.get_submodule(path).register_forward_hook(center_rows_hook)
+    for path in block.get("train_centered", []):
+        model.get_submodule(path).register_forward_hook(_TrainingCentering(model))
+
+
+# -- training (docs/training.md) ------------------------------------------------------------------
+
+
+class _TrainingCentering:
+    """Forward hook of an embedding or a writer: in training mode, its output centred over the
+    features, so the model computes C·V from whatever its parameters V become. The loss is then the
+    original's loss of the same parameters (LayerNorm ignores the mean), and fine-tuning it takes the
+    original's steps. In eval mode it does nothing: the stored weights are centred."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, module: nn.Module, _args, output: torch.Tensor):
+        if not module.training or not getattr(self.model, "prenorm_train_centering", True):
+            return None
+        self.model._prenorm_trained = True
+        return center_rows_hook(module, _args, output)
+
+
+def recenter_weights(model: nn.Module) -> None:
+    """Centre the stored weights of every train-centred module in place (C·V: the function does not
+    change), after training and before saving, so that eval mode and the saved folder need no hook."""
+    block = model.config.prenorm
+    with torch.no_grad():
+        for path in block.get("train_centered", []):
+            module = model.get_submodule(path)
+            weight = module.weight
+            if isinstance(module, nn.Embedding):
+                weight.sub_(weight.mean(-1, keepdim=True))
+                continue
+            weight.sub_(weight.mean(0 if isinstance(module, nn.Linear) else 1, keepdim=True))  # Conv1D: [in, out]
+            if getattr(module, "bias", None) is not None:
+                module.bias.sub_(module.bias.mean())
+    model._prenorm_trained = False
+
+
+def _warn_if_training_changes_parametrization(model: nn.Module) -> None:
+    block = model.config.prenorm
+    if getattr(model, "_prenorm_warned", False) or (block["target"] == "rmsnorm" and not block["fold_affine"] and not block["removed"]):
+        return
+    model._prenorm_warned = True
+    import warnings
+
+    warnings.warn(
+        "training a converted model whose norms' γ, β were folded into the linears (--fold-affine, crmsnorm) or "
+        "whose embedding LayerNorm was baked into the table (BLOOM) starts from the original's function but trains "
+        "a different parametrization: fine-tuning it is not step for step the original's (docs/training.md)",
+        stacklevel=3,
+    )
+
+
+def _before_train(model: nn.Module, mode: bool) -> None:
+    """model.train(mode): leaving training centres the trained weights; entering it warns once where
+    training is not the original's."""
+    if getattr(model.config, "prenorm", None) is None:
+        return
+    if not mode and getattr(model, "_prenorm_trained", False):
+        recenter_weights(model)
+    if mode:
+        _warn_if_training_changes_parametrization(model)
+
+
+def _before_save(model: nn.Module) -> None:
+    if getattr(model.config, "prenorm", None) is not None and getattr(model, "_prenorm_trained", False):
+        recenter_weights(model)
 
 
 def _make_config_class(base_name: str) -> type:
@@ -260,7 +329,16 @@ def _make_model_class(base_name: str, stock_config: bool) -> type:
     # for folders whose model_type is prenorm_* because they must not load without this code.
     name = (STOCK_PREFIX if stock_config else PREFIX) + base_name
     config_class = base.config_class if stock_config else prenorm_class(PREFIX + base.config_class.__name__)
-    model_class = type(name, (base,), {"__init__": __init__, "__module__": __name__, "config_class": config_class})
+    def train(self, mode: bool = True):
+        _before_train(self, mode)
+        return base.train(self, mode)
+
+    def save_pretrained(self, *args, **kwargs):
+        _before_save(self)
+        return base.save_pretrained(self, *args, **kwargs)
+
+    namespace = {"__init__": __init__, "__module__": __name__, "config_class": config_class, "train": train, "save_pretrained": save_pretrained}
+    model_class = type(name, (base,), namespace)
     if stock_config:
         # a stock config's model keeps the stock class name: pipeline() accepts a model by its class
         # name, and save_pretrained records it (architectures, auto_map), which prenorm_class resolves

@@ -101,6 +101,16 @@ class ConversionPlan:
         return self.target != "rmsnorm" or self.fold_affine or bool(self.removed) or bool(self.biased) or self.norm_weights_rewritten
 
     @property
+    def train_centered(self) -> list[str]:
+        """Modules whose outputs the converted model centres while it trains (docs/training.md):
+        every embedding and writer of the stream, on the rmsnorm target (a table centred at lookup
+        is centred always). Their stored weights are centred already, so eval costs nothing."""
+        if self.target != "rmsnorm" or self.landing is not None:
+            return []
+        modules = [op.name.rsplit(".", 1)[0] for op in self.ops if op.role in ("embedding", "writer") and op.name.endswith(".weight")]
+        return [module for module in modules if module not in self.centered_at_lookup]
+
+    @property
     def norm_weights_rewritten(self) -> bool:
         """The stored γ is not what the stock norm class reads (its weight offset was applied)."""
         return self.spec.norm_module.weight_offset != 0 and any(norm["affine"] for norm in self.norms.values())

@@ -1,0 +1,108 @@
+"""Fine-tuning a converted model is fine-tuning the original: trained side by side (float64, AdamW
+with weight decay, dropout off), the losses and the final logits agree; the tuned model saves centred
+weights and reloads to the same logits; the opt-out (plain Pre-RMSNorm training) drifts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from conftest import conversion_cache
+from prenorm_convert.examples import build_checkpoint
+
+DROPOUT_OFF = {
+    "gpt2": {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
+    "opt": {"dropout": 0.0, "attention_dropout": 0.0, "layerdrop": 0.0},
+}
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    def build(family: str):
+        folder = tmp_path_factory.mktemp("train") / family
+        build_checkpoint(folder, family, seed=5, dtype=torch.float64)  # stored in float64: nothing rounded
+        return folder
+
+    return conversion_cache(tmp_path_factory, build)
+
+
+def load64(folder, family: str, remote: bool):
+    transformers.utils.logging.disable_progress_bar()
+    return transformers.AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=remote, dtype=torch.float64, **DROPOUT_OFF[family])
+
+
+def batches(vocab: int) -> list[torch.Tensor]:
+    """Two batches, alternated: the runs fit them, so the loss falls."""
+    generator = torch.Generator().manual_seed(0)
+    pair = [torch.randint(0, vocab, (2, 16), generator=generator) for _ in range(2)]
+    return [pair[step % 2] for step in range(STEPS)]
+
+
+def fine_tune(model, data: list[torch.Tensor]) -> list[float]:
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.1)
+    losses = []
+    for ids in data:
+        # next-token cross entropy in float64 (transformers' own loss casts the logits to float32)
+        scores = model(ids).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(scores.reshape(-1, scores.shape[-1]), ids[:, 1:].reshape(-1))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    return model(ids).logits
+
+
+def relative(a, b) -> float:
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt"])
+def test_fine_tuning_the_converted_model_is_fine_tuning_the_original(converted, family, tmp_path):
+    src, out = converted(family)
+    original, candidate = load64(src, family, remote=False), load64(out, family, remote=True)
+    data = batches(original.config.vocab_size)
+    expected, actual = fine_tune(original, data), fine_tune(candidate, data)
+    assert expected[-1] < expected[0], "the runs train"
+    assert relative(actual, expected) <= 1e-9, (actual, expected)
+    probe = data[0]
+    assert relative(logits(candidate, probe), logits(original, probe)) <= 1e-9
+    # eval mode re-centred the trained weights: the saved folder holds a zero-mean stream, same logits
+    candidate.save_pretrained(str(tmp_path / "tuned"))
+    reloaded = load64(tmp_path / "tuned", family, remote=True)
+    assert relative(logits(reloaded, probe), logits(candidate, probe)) <= 1e-12
+    block = reloaded.config.prenorm
+    for path in block["train_centered"]:
+        module = reloaded.get_submodule(path)
+        axis = -1 if isinstance(module, torch.nn.Embedding) else (0 if isinstance(module, torch.nn.Linear) else 1)
+        assert float(module.weight.detach().mean(axis).abs().max()) < 1e-12, path
+
+
+def test_the_opt_out_trains_plain_pre_rmsnorm_and_drifts(converted):
+    src, out = converted("gpt2")
+    original, candidate = load64(src, "gpt2", remote=False), load64(out, "gpt2", remote=True)
+    candidate.prenorm_train_centering = False
+    data = batches(original.config.vocab_size)
+    expected, actual = fine_tune(original, data), fine_tune(candidate, data)
+    assert relative(actual, expected) > 1e-6, "without centring, training leaves the original's function"
+
+
+def test_training_a_folded_model_warns_once(converted):
+    _, out = converted("gpt2", ("--fold-affine",))
+    model = load64(out, "gpt2", remote=True)
+    with pytest.warns(UserWarning, match="different parametrization"):
+        model.train()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.train()  # once only
