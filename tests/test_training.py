@@ -106,3 +106,32 @@ def test_training_a_folded_model_warns_once(converted):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model.train()  # once only
+
+
+def test_a_trainer_run_matches_the_originals_and_saves_centred_weights(converted, tmp_path):
+    """Smoke test with transformers' Trainer (its own loop, loss and AdamW): the converted
+    model's training losses follow the original's, and save_model writes centred writers."""
+    src, out = converted("gpt2")
+    vocab = transformers.AutoConfig.from_pretrained(str(src)).vocab_size
+    data = [{"input_ids": row, "labels": row} for ids in batches(vocab) for row in ids]
+
+    def train(folder, remote: bool, name: str) -> tuple[list[float], object]:
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=remote, **DROPOUT_OFF["gpt2"])
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / name), max_steps=6, per_device_train_batch_size=2, learning_rate=1e-3, weight_decay=0.1,
+            logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
+        )
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+        trainer.train()
+        trainer.save_model(str(tmp_path / name / "saved"))
+        return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry], model
+
+    expected, _ = train(src, False, "original")
+    actual, _ = train(out, True, "converted")
+    assert len(actual) == len(expected) == 6
+    assert relative(actual, expected) < 1e-4, (actual, expected)
+    saved = load64(tmp_path / "converted" / "saved", "gpt2", remote=True)
+    for path in saved.config.prenorm["train_centered"]:
+        module = saved.get_submodule(path)
+        axis = -1 if isinstance(module, torch.nn.Embedding) else 1  # GPT-2's Conv1D writers: [in, out]
+        assert float(module.weight.detach().mean(axis).abs().max()) < 1e-6, path
