@@ -238,7 +238,7 @@ def apply_prenorm_swaps(model: nn.Module, block: dict) -> None:
     for path in block.get("centered_at_lookup", []):
         model.get_submodule(path).register_forward_hook(center_rows_hook)
     for path in block.get("train_centered", []):
-        model.get_submodule(path).register_forward_hook(_TrainingCentering(model))
+        _install_training_centering(model, path)
 
 
 # -- training (docs/training.md) ------------------------------------------------------------------
@@ -248,16 +248,49 @@ class _TrainingCentering:
     """Forward hook of an embedding or a writer: in training mode, its output centred over the
     features, so the model computes C·V from whatever its parameters V become. The loss is then the
     original's loss of the same parameters (LayerNorm ignores the mean), and fine-tuning it takes the
-    original's steps. In eval mode it does nothing: the stored weights are centred."""
+    original's steps. In eval mode it does nothing (the stored weights are centred), except on an
+    adapter that wraps the module (peft's LoRA), whose update is centred here too."""
 
     def __init__(self, model: nn.Module):
         self.model = model
 
     def __call__(self, module: nn.Module, _args, output: torch.Tensor):
-        if not module.training or not getattr(self.model, "prenorm_train_centering", True):
+        adapter = hasattr(module, "base_layer")
+        if not (module.training or adapter) or not getattr(self.model, "prenorm_train_centering", True):
             return None
-        self.model._prenorm_trained = True
+        if module.training:
+            self.model._prenorm_trained = True
         return center_rows_hook(module, _args, output)
+
+
+def _install_training_centering(model: nn.Module, path: str) -> None:
+    """The centring hook on the module at ``path``, and a pre-hook on its parent that puts it on
+    whatever module sits there later (peft replaces a targeted linear by a wrapper of it)."""
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    hook = _TrainingCentering(model)
+
+    def sync(_parent, _args):
+        child = getattr(parent, name)
+        _refuse_inexact_adapter(child, path)
+        if getattr(child, "_prenorm_centering", None) is not hook:
+            child.register_forward_hook(hook)
+            child._prenorm_centering = hook
+
+    sync(parent, ())
+    parent.register_forward_pre_hook(sync)
+
+
+def _refuse_inexact_adapter(module: nn.Module, path: str) -> None:
+    """DoRA rescales by the norm of the whole (centred) weight and IA³ scales features: on a writer
+    of the stream neither is the original's function; LoRA is (its update is centred)."""
+    dora = any(getattr(module, "use_dora", {}).values()) if isinstance(getattr(module, "use_dora", None), dict) else False
+    if dora or ".ia3." in type(module).__module__:
+        kind = "DoRA" if dora else "IA³"
+        raise ValueError(
+            f"{kind} on {path}, a writer of the residual stream of a converted model, is not exact against the "
+            "original; use plain LoRA there (use_dora=False), or put the adapter on the readers only (docs/training.md)"
+        )
 
 
 def recenter_weights(model: nn.Module) -> None:
@@ -267,6 +300,9 @@ def recenter_weights(model: nn.Module) -> None:
     with torch.no_grad():
         for path in block.get("train_centered", []):
             module = model.get_submodule(path)
+            for lora_b in getattr(module, "lora_B", {}).values():  # peft LoRA: the update B·A, centred
+                lora_b.weight.sub_(lora_b.weight.mean(0, keepdim=True))
+            module = getattr(module, "base_layer", module)
             weight = module.weight
             if isinstance(module, nn.Embedding):
                 weight.sub_(weight.mean(-1, keepdim=True))

@@ -135,3 +135,45 @@ def test_a_trainer_run_matches_the_originals_and_saves_centred_weights(converted
         module = saved.get_submodule(path)
         axis = -1 if isinstance(module, torch.nn.Embedding) else 1  # GPT-2's Conv1D writers: [in, out]
         assert float(module.weight.detach().mean(axis).abs().max()) < 1e-6, path
+
+
+LORA_TARGETS = {
+    # readers and writers: GPT-2's fused qkv, both c_proj writers (attention and MLP), the MLP's input
+    "gpt2": {"target_modules": ["c_attn", "c_proj", "c_fc"], "fan_in_fan_out": True},
+    "opt": {"target_modules": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]},
+}
+
+
+def with_lora(model, family: str, **extra):
+    peft = pytest.importorskip("peft", reason="peft is in the `train` extra")
+    torch.manual_seed(0)  # the same adapter initialisation for both models
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights="gaussian", **LORA_TARGETS[family], **extra)
+    return peft.get_peft_model(model, config)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt"])
+def test_lora_on_readers_and_writers_is_exact_and_survives_save_load_and_merge(converted, family, tmp_path):
+    peft = pytest.importorskip("peft", reason="peft is in the `train` extra")
+    src, out = converted(family)
+    original = with_lora(load64(src, family, remote=False), family)
+    candidate = with_lora(load64(out, family, remote=True), family)
+    data = batches(original.config.vocab_size)
+    expected, actual = fine_tune(original, data), fine_tune(candidate, data)
+    assert relative(actual, expected) <= 1e-9, (actual, expected)
+    probe = data[0]
+    tuned = logits(original, probe)
+    assert relative(logits(candidate, probe), tuned) <= 1e-9
+    candidate.save_pretrained(str(tmp_path / "adapter"))  # after eval(): the LoRA updates are stored centred
+    reloaded = peft.PeftModel.from_pretrained(load64(out, family, remote=True), str(tmp_path / "adapter")).eval()
+    assert relative(logits(reloaded, probe), tuned) <= 1e-9
+    merged = reloaded.merge_and_unload()
+    assert relative(logits(merged, probe), tuned) <= 1e-9
+
+
+def test_dora_on_a_writer_is_refused_with_the_reason(converted):
+    pytest.importorskip("peft", reason="peft is in the `train` extra")
+    _, out = converted("gpt2")
+    model = with_lora(load64(out, "gpt2", remote=True), "gpt2", use_dora=True)
+    model.train()
+    with pytest.raises(ValueError, match="DoRA on transformer.h.0.attn.c_proj, a writer of the residual stream"):
+        model(batches(model.config.vocab_size)[0])
