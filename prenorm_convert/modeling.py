@@ -203,12 +203,24 @@ def _resize_parameters(model: nn.Module, resized: dict) -> None:
 
 
 def center_rows_hook(_module: nn.Module, _args, output: torch.Tensor) -> torch.Tensor:
-    """An embedding's rows centred at lookup (a table stored once, tied to the head, uncentred):
-    the mean over features is taken in float32 (float64 stays) and subtracted with one rounding,
-    as a stored centred table would have been rounded once. Differentiable, so training the table
-    trains it through the centring (docs/math.md "Tied embeddings")."""
+    """Rows centred over the features: the mean is taken in float32 (float64 stays) and subtracted
+    with one rounding, as a stored centred table would have been rounded once."""
     work = output.to(torch.promote_types(output.dtype, torch.float32))
     return (work - work.mean(-1, keepdim=True)).to(output.dtype)
+
+
+class _CenterAtLookup:
+    """An embedding table stored once, tied to the head, uncentred: its rows centred at lookup
+    (docs/math.md "Tied embeddings"). While the model trains with its norm inputs centred
+    (_CenterNormInput), the rows are left as they are, as the original's are."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, module: nn.Module, args, output: torch.Tensor):
+        if module.training and _centring_on(self.model):
+            return None
+        return center_rows_hook(module, args, output)
 
 
 def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -236,30 +248,49 @@ def apply_prenorm_swaps(model: nn.Module, block: dict) -> None:
     for path in block.get("removed", []):
         _set_submodule(model, path, nn.Identity())
     for path in block.get("centered_at_lookup", []):
-        model.get_submodule(path).register_forward_hook(center_rows_hook)
+        model.get_submodule(path).register_forward_hook(_CenterAtLookup(model))
     for path in block.get("train_centered", []):
         _install_training_centering(model, path)
+    if block.get("train_centered"):
+        for path in block["norms"]:
+            model.get_submodule(path).register_forward_pre_hook(_CenterNormInput(model))
 
 
 # -- training (docs/training.md) ------------------------------------------------------------------
 
 
+def _centring_on(model: nn.Module) -> bool:
+    return getattr(model, "prenorm_train_centering", True)
+
+
+class _CenterNormInput:
+    """Forward pre-hook of every norm while the model trains: its input centred over the features.
+    RMSNorm of the centred stream is LayerNorm of the stream, whatever the parameters have become
+    (docs/training.md), so the converted model's loss is the original's loss of the same parameters
+    and fine-tuning it takes the original's steps, dropout included. In eval mode it does nothing:
+    the stored weights are centred, and leaving training centres the trained ones."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, module: nn.Module, args):
+        if not module.training or not _centring_on(self.model):
+            return None
+        self.model._prenorm_trained = True
+        return (center_rows_hook(module, args, args[0]),) + tuple(args[1:])
+
+
 class _TrainingCentering:
-    """Forward hook of an embedding or a writer: in training mode, its output centred over the
-    features, so the model computes C·V from whatever its parameters V become. The loss is then the
-    original's loss of the same parameters (LayerNorm ignores the mean), and fine-tuning it takes the
-    original's steps. In eval mode it does nothing (the stored weights are centred), except on an
-    adapter that wraps the module (peft's LoRA), whose update is centred here too."""
+    """Forward hook of an embedding or a writer wrapped by an adapter (peft's LoRA): in eval mode its
+    output, the adapter's update included, centred over the features (an unmerged update is not
+    centred in the stored weights). Training needs nothing here: the norms centre their inputs."""
 
     def __init__(self, model: nn.Module):
         self.model = model
 
     def __call__(self, module: nn.Module, _args, output: torch.Tensor):
-        adapter = hasattr(module, "base_layer")
-        if not (module.training or adapter) or not getattr(self.model, "prenorm_train_centering", True):
+        if module.training or not hasattr(module, "base_layer") or not _centring_on(self.model):
             return None
-        if module.training:
-            self.model._prenorm_trained = True
         return center_rows_hook(module, _args, output)
 
 

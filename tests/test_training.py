@@ -177,3 +177,19 @@ def test_dora_on_a_writer_is_refused_with_the_reason(converted):
     model.train()
     with pytest.raises(ValueError, match="DoRA on transformer.h.0.attn.c_proj, a writer of the residual stream"):
         model(batches(model.config.vocab_size)[0])
+
+
+def test_with_dropout_on_it_is_the_original_started_from_the_centred_weights(converted):
+    """Dropout draws the same masks in both runs (same seed, same calls); the converted model centres
+    its norms' inputs, so it trains exactly as the stock class holding the same (centred) weights."""
+    _, out = converted("gpt2")
+    kwargs = {"resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1}
+    stock = transformers.AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=False, dtype=torch.float64, **kwargs)
+    candidate = transformers.AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True, dtype=torch.float64, **kwargs)
+    assert type(stock).__name__ == "GPT2LMHeadModel" and any("RMSNorm" in type(m).__name__ for m in candidate.modules())
+    data = batches(stock.config.vocab_size)
+    torch.manual_seed(1)
+    expected = fine_tune(stock, data)
+    torch.manual_seed(1)
+    actual = fine_tune(candidate, data)
+    assert relative(actual, expected) <= 1e-9, (actual, expected)
