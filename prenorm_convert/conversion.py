@@ -22,7 +22,7 @@ from .plan import ConversionPlan, make_plan
 from .progress import SILENT, Reporter
 from .row_blocks import DEFAULT_BLOCK_BYTES, RecentTensors, Workspace, run_op, run_op_in_blocks, sliced_inputs, stored_copy
 from .safetensors_io import OutputTensor, StreamingShardWriter
-from .spec import match_spec
+from .spec_loader import match_spec
 from .verification import Tolerances, check_greedy_fits, failure_message, read_prompt_lines, verify
 
 REMOTE_CODE_FILE = "modeling_prenorm.py"

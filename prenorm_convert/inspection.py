@@ -9,7 +9,7 @@ from .checkpoint import SourceCheckpoint, check_path_encoding
 from .dtype_checks import parse_dtype
 from .hub import resolve_source
 from .plan import make_plan
-from .spec import load_not_convertible, load_specs, match_spec
+from .spec_loader import load_not_convertible, load_specs, match_spec
 from .transform import STEPS
 
 

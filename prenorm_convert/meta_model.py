@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .errors import BadInputError, UnsupportedModelError
-from .spec import config_object
+from .spec_loader import config_object
 
 
 def build_meta_model(config: dict):

@@ -172,7 +172,7 @@ def check_pair(original: Path, converted: Path):
     shape (its prenorm block records both); anything else is a usage error, not a failed comparison.
     Returns ORIGINAL's family spec."""
     from .checkpoint import read_config
-    from .spec import match_spec
+    from .spec_loader import match_spec
 
     original_config = read_config(Path(original))
     if "prenorm" in original_config:
@@ -338,7 +338,7 @@ def rounded_weights_error(original: Path, converted: Path, prompts: list[torch.T
     from .checkpoint import SourceCheckpoint
     from .plan import make_plan
     from .row_blocks import op_rows
-    from .spec import match_spec
+    from .spec_loader import match_spec
 
     block = converted_folder_config(converted)["prenorm"]
     stored_dtype = converted_dtype(converted)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import prenorm_convert
 from prenorm_convert.examples import SHAPES, build_checkpoint
-from prenorm_convert.spec import load_specs
+from prenorm_convert.spec_loader import load_specs
 
 TARGETS = (("rmsnorm", {}), ("rmsnorm --fold-affine", {"fold_affine": True}), ("crmsnorm", {"target": "crmsnorm"}))
 

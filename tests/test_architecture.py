@@ -92,7 +92,7 @@ def test_inspect_words_and_row_rules_come_from_the_step_registry():
 
 def test_an_unknown_stem_hook_is_refused_when_the_spec_loads():
     from prenorm_convert.errors import SpecError
-    from prenorm_convert.spec import parse_spec
+    from prenorm_convert.spec_loader import parse_spec
 
     data = yaml.safe_load((PACKAGE / "configs" / "bloom.yaml").read_text())
     assert data["stem_norms"], "bloom has a stem norm"

@@ -14,7 +14,7 @@ from conftest import run_cli
 from equivalence import assert_equivalent, load, sample_ids
 from prenorm_convert.examples import SHAPES, build_checkpoint
 from prenorm_convert.modeling import restore_full_width
-from prenorm_convert.spec import load_specs
+from prenorm_convert.spec_loader import load_specs
 
 SPECS = {spec.family: spec for spec in load_specs()}
 # Conv1D (gpt2), learned positions + projections (opt), a stem norm (bloom), parallel blocks (gpt_neox,

@@ -18,7 +18,7 @@ from prenorm_convert.checkpoint import SourceCheckpoint
 from prenorm_convert.errors import SpecError, UnsupportedModelError
 from prenorm_convert.examples import build_checkpoint, strip_prefix
 from prenorm_convert.plan import make_plan
-from prenorm_convert.spec import parse_spec
+from prenorm_convert.spec_loader import parse_spec
 from test_bad_input import assert_refused
 
 

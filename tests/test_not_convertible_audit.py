@@ -39,7 +39,7 @@ import yaml
 from transformers import CONFIG_MAPPING
 
 from conftest import run_cli, snapshot
-from prenorm_convert.spec import load_not_convertible, load_specs
+from prenorm_convert.spec_loader import load_not_convertible, load_specs
 
 GROUPS: dict = yaml.safe_load(resources.files("prenorm_convert").joinpath("configs", "not_convertible.yaml").read_text())
 CASES = [(group, model_type) for group, data in GROUPS.items() for model_type in data["model_types"]]

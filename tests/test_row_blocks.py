@@ -12,7 +12,7 @@ from prenorm_convert.checkpoint import SourceCheckpoint
 from prenorm_convert.examples import build_checkpoint
 from prenorm_convert.plan import make_plan
 from prenorm_convert.row_blocks import RecentTensors, run_op, run_op_in_blocks, sliced_inputs
-from prenorm_convert.spec import match_spec
+from prenorm_convert.spec_loader import match_spec
 
 # small enough that every row-wise tensor of the tiny models is split into several uneven blocks,
 # and each block into several uneven compute blocks

@@ -17,7 +17,7 @@ from prenorm_convert.checkpoint import SourceCheckpoint
 from prenorm_convert.errors import SpecError, UnsupportedModelError
 from prenorm_convert.examples import build_checkpoint
 from prenorm_convert.plan import make_plan
-from prenorm_convert.spec import config_object, parse_spec
+from prenorm_convert.spec_loader import config_object, parse_spec
 
 
 def spec_data(family: str) -> dict:
