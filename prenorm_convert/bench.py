@@ -36,6 +36,7 @@ from torch import nn
 
 from .checkpoint import check_path_encoding
 from .errors import BadInputError
+from .devices import resolve_device
 from .progress import SILENT, Reporter
 from .verification import check_pair
 
@@ -347,21 +348,6 @@ def _resolve_dtype(name: str, converted: Path) -> torch.dtype:
     return DTYPES[name]
 
 
-def _resolve_device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise BadInputError(f"--device '{name}' is not a torch device (try cpu or cuda)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BadInputError("--device cuda was asked for, but torch sees no CUDA device")
-    try:  # any other device type (mps, xpu, a missing cuda:N): usable only if torch can allocate on it
-        torch.empty(1, device=device)
-    except (RuntimeError, AssertionError, AttributeError, NotImplementedError) as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
-        raise BadInputError(f"--device '{name}' is not usable on this machine ({reason}); try --device cpu") from None
-    return device
-
-
 def benchmark(
     original: str | Path,
     converted: str | Path,
@@ -379,7 +365,7 @@ def benchmark(
         if not path.is_dir():
             raise BadInputError(f"'{path}' is not a checkpoint folder")
         check_path_encoding(path, what)
-    torch_device = _resolve_device(device)
+    torch_device = resolve_device(device)
     check_pair(original, converted)
     if settings.rounds < 1 or min(settings.batch_sizes + settings.seq_lens) < 1:
         raise BadInputError("rounds, batch sizes and sequence lengths must be positive")

@@ -333,11 +333,16 @@ def verify(
         None, "--revision", help="Hub original only: branch, tag or commit (default: the commit CONVERTED records, else main)."
     ),
     token: Optional[str] = TokenOption,
+    device: str = typer.Option("cpu", help="Run both models on this torch device (cpu, cuda, cuda:1, ...)."),
+    device_map: Optional[str] = typer.Option(
+        None, "--device-map", help="Spread the models with accelerate instead: auto, balanced, balanced_low_0 or sequential."
+    ),
     quiet: bool = QuietOption,
 ):
-    """Compare CONVERTED with ORIGINAL: logits, KL, top-1, greedy generation, residual mean.
+    """Compare CONVERTED with ORIGINAL: logits, KL, top-1, greedy generation, residual mean, every layer.
 
     Example:  [bold]prenorm-convert verify ./gpt2 ./gpt2-rms --json report.json[/bold]
+    On GPUs:  [bold]prenorm-convert verify ./gpt2 ./gpt2-rms --device-map auto[/bold]
 
     Exit codes: 0 within tolerance, 1 over tolerance, 2 bad input.
     """
@@ -355,6 +360,8 @@ def verify(
             revision=revision,
             token=token,
             allow_pickle=allow_pickle,
+            device=device,
+            device_map=device_map,
             reporter=_reporter(quiet),
         )
         print_report(report, f"{original} vs {converted}")

@@ -68,11 +68,11 @@ class LayerAudit:
         for path in self.layers + [w for group in self.writers for w in group]:
             def hook(_module, _args, output, path=path):
                 # a copy: some layers add into a writer's output in place (Falcon: mlp_output += ...)
-                captured[path] = _output(output).detach().to(torch.float64, copy=True)
+                captured[path] = _output(output).detach().to("cpu", torch.float64, copy=True)
 
             handles.append(model.get_submodule(path).register_forward_hook(hook))
         try:
-            logits = model(ids[None, :]).logits[0].to(torch.float64)
+            logits = model(ids[None, :].to(model.device)).logits[0].to("cpu", torch.float64)
         finally:
             for handle in handles:
                 handle.remove()

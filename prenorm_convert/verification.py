@@ -19,6 +19,7 @@ import torch
 from .errors import BadInputError
 from .digests import folder_digests
 from .jsonout import finite_or_none
+from .devices import placement
 from .layer_audit import LayerAudit
 from .progress import SILENT, Reporter
 
@@ -159,11 +160,12 @@ def _quiet_transformers() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-def load_original(path: str | Path, dtype: torch.dtype):
+def load_original(path: str | Path, dtype: torch.dtype, **placed):
+    """The original as transformers loads it; ``placed``: devices.placement's keywords."""
     import transformers
 
     _quiet_transformers()
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **placed)
     return model.eval()
 
 
@@ -290,7 +292,7 @@ def _tokenizer(path: str | Path):
 
 @torch.no_grad()
 def _logits(model, prompts: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [model(ids[None, :]).logits[0].to(torch.float64) for ids in prompts]
+    return [model(ids[None, :].to(model.device)).logits[0].to("cpu", torch.float64) for ids in prompts]
 
 
 def paired_logits(reference_model, candidate_model, prompts: list[torch.Tensor], audit: LayerAudit | None):
@@ -325,7 +327,9 @@ def compare_logits(reference: list[torch.Tensor], candidate: list[torch.Tensor])
 
 
 @torch.no_grad()
-def rounded_weights_error(original: Path, converted: Path, prompts: list[torch.Tensor], allow_pickle: bool = False) -> dict:
+def rounded_weights_error(
+    original: Path, converted: Path, prompts: list[torch.Tensor], allow_pickle: bool = False, placed: dict | None = None
+) -> dict:
     """What storing the rewritten tensors in the converted dtype costs by itself (docs/math.md "Numerics").
 
     The conversion recomputes every rewritten tensor in float64 and rounds it once; the original
@@ -349,7 +353,7 @@ def rounded_weights_error(original: Path, converted: Path, prompts: list[torch.T
         plan = make_plan(
             source, spec, block["target"], block["fold_affine"], torch.float64, block.get("pad_to"), untie_head=block.get("untied_head", False)
         )
-        model = load_converted(converted, dtype=torch.float32)
+        model = load_converted(converted, dtype=torch.float32, **(placed or {}))
         stored = _logits(model, prompts)
         rewritten = [op for op in plan.ops if op.changed]
         not_matching = []
@@ -379,6 +383,7 @@ def rounded_weights_error(original: Path, converted: Path, prompts: list[torch.T
 
 @torch.no_grad()
 def greedy(model, prompt: torch.Tensor, new_tokens: int, pad_token_id: int) -> torch.Tensor:
+    prompt = prompt.to(model.device)
     output = model.generate(
         prompt[None, :],
         attention_mask=torch.ones_like(prompt)[None, :],
@@ -387,7 +392,7 @@ def greedy(model, prompt: torch.Tensor, new_tokens: int, pad_token_id: int) -> t
         do_sample=False,
         pad_token_id=pad_token_id,
     )
-    return output[0, prompt.numel():]
+    return output[0, prompt.numel():].cpu()
 
 
 @torch.no_grad()
@@ -417,7 +422,7 @@ def residual_mean_max(model, prompts: list[torch.Tensor]) -> float:
     handles = [model.get_submodule(path).register_forward_pre_hook(hook) for path in block["norms"]]
     try:
         for ids in prompts:
-            model(ids[None, :])
+            model(ids[None, :].to(model.device))
     finally:
         for handle in handles:
             handle.remove()
@@ -438,9 +443,14 @@ def verify(
     revision: str | None = None,
     token: str | None = None,
     allow_pickle: bool = False,
+    device: str | None = None,
+    device_map: str | None = None,
     reporter: Reporter = SILENT,
 ) -> dict:
     """Compare a converted folder with its original; returns the report dict (see docs/report.md).
+
+    The models run on ``device`` (default: the CPU), or spread by an accelerate ``device_map``
+    ('auto': several GPUs, or GPU and CPU); every comparison is made on the CPU in float64.
 
     ORIGINAL may be a hub id; without `revision` it is read at the commit CONVERTED records, if any.
     An original stored only as pickled *.bin files is refused unless ``allow_pickle`` (transformers
@@ -449,6 +459,7 @@ def verify(
     from .hub import recorded_revision, resolve_source
 
     tolerances = tolerances or Tolerances()
+    placed = placement(device, device_map)  # a missing device is bad input before any work
     prompt_lines = read_prompt_lines(prompts_file) if prompts_file is not None else None
     source = resolve_source(
         original, revision=revision or recorded_revision(original, converted), token=token, allow_pickle=allow_pickle, reporter=reporter
@@ -462,8 +473,8 @@ def verify(
     spec = check_pair(Path(original), Path(converted))
     dtype = dtype or converted_dtype(converted)
     with reporter.step("loading the original and the converted model"):
-        reference_model = load_original(original, torch.float32)
-        candidate_model = load_converted(converted, dtype=dtype)
+        reference_model = load_original(original, torch.float32, **placed)
+        candidate_model = load_converted(converted, dtype=dtype, **placed)
     vocab_size = reference_model.get_output_embeddings().weight.shape[0]
     prompts, greedy_prompts = fit_positions(build_prompts(original, vocab_size, prompt_lines), reference_model.config, tolerances.greedy_tokens)
     resolved = spec.resolve(reference_model.config)  # the roles of this config's modules
@@ -474,7 +485,7 @@ def verify(
         logit_scale = float(torch.cat(reference).abs().max())
         original_error = weights_error = None
         if dtype not in (torch.float32, torch.float64):
-            reduced_original = load_original(original, dtype)
+            reduced_original = load_original(original, dtype, **placed)
             original_error = compare_logits(reference, _logits(reduced_original, prompts))
     pad = _pad_id(reference_model)
     with reporter.step(f"greedy generation of {tolerances.greedy_tokens} tokens"):
@@ -499,7 +510,7 @@ def verify(
         del reference_model, reduced_original, candidate_model  # one float32 model at a time from here
         gc.collect()
         with reporter.step("measuring what rounding the rewritten tensors costs"):
-            weights_error = rounded_weights_error(original, converted, prompts, allow_pickle)
+            weights_error = rounded_weights_error(original, converted, prompts, allow_pickle, placed)
     near_ties = (lambda gap: float((margins <= gap).double().mean())) if margins is not None else None
     limits = tolerances.resolve(dtype, logit_scale, original_error, weights_error, float32_error, near_ties)
     failures = non_finite_failures(non_finite, {**metrics, "logit_scale": logit_scale, "residual_mean_max": residual})
