@@ -201,16 +201,25 @@ def _safetensors_tensors(path: Path, shards: Shards) -> dict[str, StoredTensor]:
 
 
 def _read_weight_map(index_path: Path) -> dict[str, str]:
-    """An index's weight_map (tensor name -> shard file name), every file name checked by
-    check_shard_name: nothing outside the checkpoint folder is ever named."""
+    """A local index's weight_map, checked by checked_weight_map."""
     index_name = index_path.name
     _check_regular(index_path, index_name)
     try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (ValueError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        content = json.loads(index_path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
         raise CorruptCheckpointError(f"{index_name} is not a valid index (no weight_map); re-download it") from exc
+    return checked_weight_map(content, index_name, "re-download it")
+
+
+def checked_weight_map(content: object, index_name: str, fix: str) -> dict[str, str]:
+    """An index's weight_map (tensor name -> shard file name) from its parsed JSON, every file name
+    checked by check_shard_name: nothing outside the checkpoint folder (or hub repository) is ever
+    named. ``fix`` ends the message of a malformed index (local: re-download; hub: the repo is broken)."""
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if weight_map is None:
+        raise CorruptCheckpointError(f"{index_name} is not a valid index (no weight_map); {fix}")
     if not isinstance(weight_map, dict):
-        raise CorruptCheckpointError(f"{index_name} is not a valid index (its weight_map is not a JSON object); re-download it")
+        raise CorruptCheckpointError(f"{index_name} is not a valid index (its weight_map is not a JSON object); {fix}")
     for name, file_name in weight_map.items():
         check_shard_name(file_name, index_name, name)
     return weight_map
@@ -266,6 +275,18 @@ def _check_regular(file: Path, shown: str) -> None:
     if not stat.S_ISREG(mode):
         kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
         raise CorruptCheckpointError(f"{shown} in the checkpoint is {kind}, not a regular file; replace it with the real file")
+
+
+def converted_folder_config(path: str | Path) -> dict:
+    """config.json of a folder written by prenorm-convert (it has a prenorm block); BadInputError
+    otherwise (no folder, no or unreadable config.json, or no prenorm block)."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        config = None
+    if not isinstance(config, dict) or not isinstance(config.get("prenorm"), dict):
+        raise BadInputError(f"'{path}' is not a folder written by prenorm-convert (its config.json has no prenorm block)")
+    return config
 
 
 def _load_pickle(file: Path) -> dict[str, torch.Tensor]:

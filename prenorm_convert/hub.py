@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .checkpoint import PICKLE_INDEX, PICKLE_SINGLE, SAFE_INDEX, SAFE_SINGLE, check_shard_name, is_side_file
+from .checkpoint import PICKLE_INDEX, PICKLE_SINGLE, SAFE_INDEX, SAFE_SINGLE, checked_weight_map, converted_folder_config, is_side_file
 from .digests import changed_files
 from .errors import BadInputError, CorruptCheckpointError, HubError, option
 from .progress import SILENT, Reporter
@@ -325,14 +325,8 @@ def _index_shards(where: str, content: object, index: str, listed: set[str] | No
     """The shard files an index names, checked before any is fetched or read: each a plain relative
     name (check_shard_name) and, when the repository's file list is known, one of its files. So an
     index cannot reach another repository's files in the cache, nor anything else on disk."""
-    weight_map = content.get("weight_map") if isinstance(content, dict) else None
-    if not isinstance(weight_map, dict):
-        raise CorruptCheckpointError(f"{index} of {where} is not a valid index (no weight_map); the repository is broken")
+    weight_map = checked_weight_map(content, f"{index} of {where}", "the repository is broken")
     for tensor, file_name in weight_map.items():
-        try:
-            check_shard_name(file_name, index, tensor)
-        except CorruptCheckpointError as exc:
-            raise CorruptCheckpointError(f"{where}: {exc}") from None
         if listed is not None and file_name not in listed:
             raise CorruptCheckpointError(
                 f"{index} of {where} maps tensor '{tensor}' to shard {file_name!r}, which is not a file of that "
@@ -364,7 +358,7 @@ def check_pushable(folder: str | os.PathLike, force: bool = False) -> dict | Non
     matches the files); a BadInputError when the report is missing, failed or describes other files,
     unless force (then None when no report describes these files: the card keeps its own section)."""
     folder = Path(folder)
-    _check_converted_folder(folder)
+    converted_folder_config(folder)
     report_path = folder / REPORT
     verify_again = f"run `prenorm-convert verify ORIGINAL {folder} --json {report_path}`"
     if not report_path.exists():
@@ -384,15 +378,6 @@ def check_pushable(folder: str | os.PathLike, force: bool = False) -> dict | Non
     if force:
         return None
     raise BadInputError(f"'{folder}' {problem}; {verify_again} again, or pass {option('--force')} to push it anyway")
-
-
-def _check_converted_folder(folder: Path) -> None:
-    try:
-        config = json.loads((folder / CONFIG).read_text())
-    except (OSError, ValueError):
-        config = None
-    if not isinstance(config, dict) or "prenorm" not in config:
-        raise BadInputError(f"'{folder}' is not a folder written by prenorm-convert (no config.json with a prenorm block)")
 
 
 def _read_report(report_path: Path) -> dict:

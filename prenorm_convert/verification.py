@@ -11,14 +11,17 @@ from __future__ import annotations
 import gc
 import json
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 from .errors import BadInputError
 from .digests import folder_digests
 from .jsonout import finite_or_none
+from .checkpoint import converted_folder_config
 from .devices import placement
 from .layer_audit import LayerAudit
 from .progress import SILENT, Reporter
@@ -195,15 +198,6 @@ def check_pair(original: Path, converted: Path):
                 f"'{original}' has {key} {original_config[key]}; pass the pair that belongs together"
             )
     return spec
-
-
-def converted_folder_config(path: str | Path) -> dict:
-    """config.json of a folder written by prenorm-convert (it has a prenorm block); BadInputError otherwise."""
-    config_path = Path(path) / "config.json"
-    config = json.loads(config_path.read_text()) if config_path.exists() else None
-    if not isinstance(config, dict) or not isinstance(config.get("prenorm"), dict):
-        raise BadInputError(f"'{path}' is not a folder written by prenorm-convert (its config.json has no prenorm block)")
-    return config
 
 
 def load_converted(path: str | Path, dtype: torch.dtype | str | None = None, **kwargs):
@@ -396,8 +390,11 @@ def greedy(model, prompt: torch.Tensor, new_tokens: int, pad_token_id: int) -> t
 
 
 @torch.no_grad()
-def residual_mean_max(model, prompts: list[torch.Tensor]) -> float:
-    """Largest |mean(x)| / rms(x) over every token entering a converted norm (the residual stream)."""
+@contextmanager
+def residual_mean_max(model) -> Iterator[list[float]]:
+    """While the block runs, every forward pass of ``model`` appends the largest |mean(x)| / rms(x)
+    over the tokens entering a converted norm (the residual stream); the caller takes the max of
+    the list it is given. Measured during the comparison's own forward passes, so it costs none."""
     block = model.config.prenorm
     worst = [0.0]  # one entry per norm call
 
@@ -421,12 +418,10 @@ def residual_mean_max(model, prompts: list[torch.Tensor]) -> float:
 
     handles = [model.get_submodule(path).register_forward_pre_hook(hook) for path in block["norms"]]
     try:
-        for ids in prompts:
-            model(ids[None, :].to(model.device))
+        yield worst
     finally:
         for handle in handles:
             handle.remove()
-    return float(torch.tensor(worst, dtype=torch.float64).max())
 
 
 def _param_count(model) -> int:
@@ -480,7 +475,9 @@ def verify(
     resolved = spec.resolve(reference_model.config)  # the roles of this config's modules
     audit = LayerAudit.for_spec(resolved, resolved.num_layers(reference_model.config.to_dict()), candidate_model.config.prenorm)
     with reporter.step(f"comparing logits and every layer's output on {len(prompts)} prompts"):
-        reference, candidate = paired_logits(reference_model, candidate_model, prompts, audit)
+        with residual_mean_max(candidate_model) as residual_means:
+            reference, candidate = paired_logits(reference_model, candidate_model, prompts, audit)
+        residual = float(torch.tensor(residual_means, dtype=torch.float64).max())  # NaN stays NaN
         metrics = compare_logits(reference, candidate)
         logit_scale = float(torch.cat(reference).abs().max())
         original_error = weights_error = None
@@ -494,8 +491,6 @@ def verify(
             expected = greedy(reduced_original if original_error is not None else reference_model, ids, tolerances.greedy_tokens, pad)
             actual = greedy(candidate_model, ids, tolerances.greedy_tokens, pad)
             matches.append(bool(torch.equal(expected, actual)))
-    with reporter.step("measuring the residual-stream mean"):
-        residual = residual_mean_max(candidate_model, prompts)
     params = {"params_original": _param_count(reference_model), "params_converted": _param_count(candidate_model)}
     non_finite = {"original": non_finite_parameters(reference_model), "converted": non_finite_parameters(candidate_model)}
     target = candidate_model.config.prenorm["target"]

@@ -36,7 +36,7 @@ print("gpu", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NO
 EOF
 cat "$OUT/env.txt"
 
-# the fast RMSNorm path on CUDA against the float64 formula (MATH.md), not zero-mean inputs on purpose
+# the fast RMSNorm path on CUDA against the float64 formula (docs/math.md "Why it is exact"), not zero-mean inputs on purpose
 "$PY" - > "$OUT/cuda_exactness.txt" <<'EOF'
 import torch
 from prenorm_convert.modeling import rms_norm
