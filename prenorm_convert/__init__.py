@@ -15,8 +15,10 @@ def __getattr__(name):
     # heavy imports (torch, transformers) only when the API is used
     if name in {"convert", "ConversionResult"}:
         from . import conversion as module
-    elif name in {"verify", "load_converted", "Tolerances"}:
+    elif name in {"verify", "load_converted"}:
         from . import verification as module
+    elif name == "Tolerances":
+        from . import tolerances as module
     elif name in {"describe", "families"}:
         from . import inspection as module
     elif name in {"push", "resolve_source"}:

@@ -28,6 +28,8 @@ def report_rows(report: dict) -> list[tuple[str, str]]:
     rows += _layer_rows(report)
     greedy = report["greedy_match"]
     rows.append(("greedy generation", f"{'identical' if greedy['identical'] else 'DIFFERENT'} ({greedy['tokens_compared']} tokens)"))
+    if report.get("streamed"):
+        rows.append(("models", "streamed from disk, one module at a time"))
     rows.append(("passed", "yes" if report["passed"] else "NO: " + "; ".join(report["failures"])))
     return rows
 

@@ -143,7 +143,7 @@ def _reporter(quiet: bool):
 
 
 def _tolerances(max_abs_logit_diff, max_kl, min_top1, greedy_tokens):
-    from .verification import Tolerances
+    from .tolerances import Tolerances
 
     return Tolerances(max_abs_logit_diff=max_abs_logit_diff, max_kl=max_kl, min_top1=min_top1, greedy_tokens=greedy_tokens)
 
@@ -199,6 +199,13 @@ UntieHeadOption = typer.Option(
 )
 AllowPickleOption = typer.Option(False, "--allow-pickle", help="Accept pickled *.bin weights (loaded with torch.load(weights_only=True)).")
 SECRET_OPTIONS = ("--token",)
+MaxMemoryOption = typer.Option(
+    None,
+    "--max-memory",
+    metavar="SIZE",
+    help="Verify within this much memory, e.g. 3GiB: models that do not fit are streamed from disk one module at a time "
+    "(default: the memory available).",
+)
 
 
 def _command_line() -> str | None:
@@ -250,6 +257,7 @@ def convert(
     max_kl: Optional[float] = typer.Option(None, help="Fail above this max KL divergence. " + ToleranceHelp),
     min_top1: Optional[float] = typer.Option(None, help="Fail below this top-1 agreement. " + ToleranceHelp),
     greedy_tokens: int = typer.Option(32, help="New tokens compared in greedy generation (0: none)."),
+    max_memory: Optional[str] = MaxMemoryOption,
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the report here ('-' for stdout)."),
     revision: Optional[str] = RevisionOption,
     token: Optional[str] = TokenOption,
@@ -294,6 +302,7 @@ def convert(
                 max_shard_size=max_shard_size,
                 tolerances=_tolerances(max_abs_logit_diff, max_kl, min_top1, greedy_tokens),
                 prompts_file=prompts,
+                max_memory=max_memory,
                 command=command,
                 revision=revision,
                 token=token,
@@ -337,18 +346,20 @@ def verify(
     device_map: Optional[str] = typer.Option(
         None, "--device-map", help="Spread the models with accelerate instead: auto, balanced, balanced_low_0 or sequential."
     ),
+    max_memory: Optional[str] = MaxMemoryOption,
     quiet: bool = QuietOption,
 ):
     """Compare CONVERTED with ORIGINAL: logits, KL, top-1, greedy generation, residual mean, every layer.
 
     Example:  [bold]prenorm-convert verify ./gpt2 ./gpt2-rms --json report.json[/bold]
     On GPUs:  [bold]prenorm-convert verify ./gpt2 ./gpt2-rms --device-map auto[/bold]
+    Larger than memory:  [bold]prenorm-convert verify ./pythia-6.9b ./pythia-rms --max-memory 3GiB[/bold]
 
     Exit codes: 0 within tolerance, 1 over tolerance, 2 bad input.
     """
 
     def body():
-        from .verification import failure_message
+        from .tolerances import failure_message
         from .verification import verify as run_verify
 
         _check_json_path(json_path)
@@ -362,6 +373,7 @@ def verify(
             allow_pickle=allow_pickle,
             device=device,
             device_map=device_map,
+            max_memory=max_memory,
             reporter=_reporter(quiet),
         )
         print_report(report, f"{original} vs {converted}")

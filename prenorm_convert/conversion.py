@@ -22,8 +22,11 @@ from .plan import ConversionPlan, make_plan
 from .progress import SILENT, Reporter
 from .row_blocks import DEFAULT_BLOCK_BYTES, RecentTensors, Workspace, run_op, run_op_in_blocks, sliced_inputs, stored_copy
 from .safetensors_io import OutputTensor, StreamingShardWriter
+from .sizes import parse_size
 from .spec_loader import match_spec
-from .verification import Tolerances, check_greedy_fits, failure_message, read_prompt_lines, verify
+from .prompts import check_greedy_fits, read_prompt_lines
+from .tolerances import Tolerances, failure_message
+from .verification import verify
 
 REMOTE_CODE_FILE = "modeling_prenorm.py"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -35,23 +38,6 @@ class ConversionResult:
     out: Path
     plan: ConversionPlan
     report: dict | None
-
-
-def parse_size(text: str | int) -> int:
-    """'5GB', '500MB', '2GiB' or a byte count -> bytes."""
-    if isinstance(text, int):
-        return text
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-    stripped = text.strip().upper()
-    number = stripped.rstrip("KMGIB")
-    unit = stripped[len(number):]
-    try:
-        value = int(float(number) * units[unit])
-    except (ValueError, KeyError, OverflowError):  # OverflowError: inf
-        raise BadInputError(f"--max-shard-size must look like 5GB, 500MB or 2GiB, got '{text}'") from None
-    if value <= 0:
-        raise BadInputError(f"--max-shard-size must be positive, got '{text}'")
-    return value
 
 
 def converted_config(source: SourceCheckpoint, plan: ConversionPlan, source_name: str, revision: str | None) -> dict:
@@ -170,6 +156,7 @@ def convert(
     max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
     tolerances: Tolerances | None = None,
     prompts_file: str | Path | None = None,
+    max_memory: str | int | None = None,
     command: str | None = None,
     revision: str | None = None,
     token: str | None = None,
@@ -184,6 +171,8 @@ def convert(
     check_path_encoding(out, "OUT")
     out_dtype = parse_dtype(dtype)
     max_shard_bytes = parse_size(max_shard_size)
+    if max_memory is not None:
+        parse_size(max_memory, "--max-memory")  # a bad size fails now, not after the rewrite
     if out.exists() and not overwrite:
         raise BadInputError(f"'{out}' already exists; pass {option('--overwrite')} to replace it, or choose another output folder")
     if verify_output and prompts_file is not None:
@@ -211,7 +200,9 @@ def convert(
         if plan.landing is None:  # a stock architecture needs no code of ours
             write_remote_code(staging)
         if verify_output:
-            report = verify(resolved, staging, tolerances=tolerances, prompts_file=prompts_file, allow_pickle=allow_pickle, reporter=reporter)
+            report = verify(
+                resolved, staging, tolerances=tolerances, prompts_file=prompts_file, allow_pickle=allow_pickle, max_memory=max_memory, reporter=reporter
+            )
             if out.exists() and not report["passed"]:  # --overwrite replaces OUT only with a conversion that passed
                 raise VerificationFailed(
                     failure_message(report) + f"; '{out}' was kept as it was and this conversion discarded "

@@ -1,15 +1,17 @@
 """Per-layer audit: where a converted model departs from its original (docs/report.md "Per-layer audit").
 
-Both models run each prompt side by side with forward hooks on every decoder layer and every writer
+Both models run each batch of prompts in turn with forward hooks on every decoder layer and every writer
 of the residual stream (paths from the family spec, so nothing here knows a family). Layer k's output
 in the converted model must be the original's output minus its mean over features (docs/math.md "Why
 it is exact"); for crmsnorm, its first d−1 features. Each writer's output must likewise be the
-original's centred. Only running maxima are kept, so memory does not grow with the prompt count.
+original's centred. The original's outputs for one batch are held (in memory, or spilled to disk when streamed) until
+the converted model's pass compares with them; beyond that only running maxima are kept.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -60,38 +62,38 @@ class LayerAudit:
         crmsnorm = block["target"] == "crmsnorm"
         return cls(layers, writers, block["residual_width"], crmsnorm)
 
+    def paths(self) -> list[str]:
+        return self.layers + [w for group in self.writers for w in group]
+
     @torch.no_grad()
-    def record(self, model, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Run ``model`` on one prompt; (its logits, every audited module's output in float64)."""
-        captured: dict[str, torch.Tensor] = {}
+    def record(self, model, ids: torch.Tensor, sink: Callable[[str, torch.Tensor], None], device=None) -> torch.Tensor:
+        """Run ``model`` on a batch of prompts (batch × positions); every audited module's output,
+        in float64 on the CPU, goes to ``sink(path, output)`` as it is computed. Returns the logits."""
         handles = []
-        for path in self.layers + [w for group in self.writers for w in group]:
+        for path in self.paths():
             def hook(_module, _args, output, path=path):
                 # a copy: some layers add into a writer's output in place (Falcon: mlp_output += ...)
-                captured[path] = _output(output).detach().to("cpu", torch.float64, copy=True)
+                sink(path, _output(output).detach().to("cpu", torch.float64, copy=True))
 
             handles.append(model.get_submodule(path).register_forward_hook(hook))
         try:
-            logits = model(ids[None, :].to(model.device)).logits[0].to("cpu", torch.float64)
+            return model(ids.to(device if device is not None else model.device)).logits
         finally:
             for handle in handles:
                 handle.remove()
-        return logits, captured
 
-    def compare(self, reference: dict[str, torch.Tensor], candidate: dict[str, torch.Tensor]) -> None:
-        """Fold one prompt's outputs into the running maxima."""
-        for path, original in reference.items():
-            converted = candidate[path]
-            centred = original - original.mean(-1, keepdim=True)
-            maxima = self.maxima.setdefault(path, _Maxima())
-            compared = converted[..., : self.width]
-            maxima.diff = _max(maxima.diff, (compared - centred[..., : self.width]).abs().max())
-            maxima.scale = _max(maxima.scale, centred.abs().max())
-            if path in self.layers:
-                # crmsnorm: the implied last feature is minus the sum (zero mean by construction, in float64)
-                full = torch.cat([compared, -compared.sum(-1, keepdim=True)], dim=-1) if self.crmsnorm else compared
-                rms = full.pow(2).mean(-1).sqrt().clamp_min(1e-30)
-                maxima.mean_over_rms = _max(maxima.mean_over_rms, (full.mean(-1).abs() / rms).max())
+    def compare(self, path: str, original: torch.Tensor, converted: torch.Tensor) -> None:
+        """Fold one module's outputs on one batch into the running maxima."""
+        centred = original - original.mean(-1, keepdim=True)
+        maxima = self.maxima.setdefault(path, _Maxima())
+        compared = converted[..., : self.width]
+        maxima.diff = _max(maxima.diff, (compared - centred[..., : self.width]).abs().max())
+        maxima.scale = _max(maxima.scale, centred.abs().max())
+        if path in self.layers:
+            # crmsnorm: the implied last feature is minus the sum (zero mean by construction, in float64)
+            full = torch.cat([compared, -compared.sum(-1, keepdim=True)], dim=-1) if self.crmsnorm else compared
+            rms = full.pow(2).mean(-1).sqrt().clamp_min(1e-30)
+            maxima.mean_over_rms = _max(maxima.mean_over_rms, (full.mean(-1).abs() / rms).max())
 
     def result(self, tolerance: float) -> dict:
         """``per_layer`` entries, ``first_bad_layer`` (relative Δ over ``tolerance``) and, for that

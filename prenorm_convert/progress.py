@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterable, Iterator, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar
 
 from rich.console import Console
 from rich.markup import escape
@@ -24,6 +24,17 @@ class Reporter:
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
         with Progress(*columns, console=self.console, transient=False) as progress:
             yield from progress.track(items, total=total, description=escape(description))
+
+    @contextmanager
+    def counter(self, description: str, total: int) -> Iterator[Callable[[], None]]:
+        """A progress bar advanced by calling what it yields (for work driven from hooks)."""
+        if self.quiet:
+            yield lambda: None
+            return
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=self.console, transient=False) as progress:
+            task = progress.add_task(escape(description), total=total)
+            yield lambda: progress.advance(task)
 
     @contextmanager
     def step(self, message: str) -> Iterator[None]:

@@ -23,7 +23,7 @@ import torch
 from prenorm_convert.conversion import convert
 from prenorm_convert.errors import VerificationFailed
 from prenorm_convert.examples import build_checkpoint
-from prenorm_convert.verification import REDUCED_DTYPE_ERROR_RATIO, REDUCED_DTYPE_TOP1_SLACK
+from prenorm_convert.tolerances import REDUCED_DTYPE_ERROR_RATIO, REDUCED_DTYPE_TOP1_SLACK
 
 WIDTH_KEY = {"gpt2": "n_embd", "opt": "hidden_size", "bloom": "hidden_size"}
 

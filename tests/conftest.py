@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from typing import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from prenorm_convert.cli import app
@@ -76,3 +79,25 @@ def gpt2_bare_dir(checkpoints) -> Path:
 def snapshot(folder: Path) -> dict[str, float]:
     """Every path below folder with its mtime: 'nothing was written' means this is unchanged."""
     return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*"))}
+
+
+def tamper(folder: Path, name: str, scale: float = 0.05) -> None:
+    """Add noise to one tensor of a converted folder (e.g. the writer of one layer)."""
+    for shard in sorted(folder.glob("*.safetensors")):
+        tensors = load_file(shard)
+        if name in tensors:
+            generator = torch.Generator().manual_seed(0)
+            tensors[name] = tensors[name] + scale * torch.randn(tensors[name].shape, generator=generator).to(tensors[name].dtype)
+            save_file(tensors, shard, metadata={"format": "pt"})
+            return
+    raise AssertionError(f"no tensor {name} in {folder}")
+
+
+def child_peak_rss(code: str, *args) -> int:
+    """Run ``code`` in a fresh interpreter (``sys.argv[1:]`` = args) and return its own peak resident
+    memory in bytes: VmHWM from /proc/self/status, which restarts at exec (unlike ru_maxrss, which
+    would include the test process the child was forked from)."""
+    report = "; print([line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM:')][0])"
+    result = subprocess.run([sys.executable, "-c", code + report, *map(str, args)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return int(result.stdout.split()[-1]) * 1024  # the kernel reports KiB

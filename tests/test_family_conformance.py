@@ -19,8 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import prenorm_convert
 from conftest import conversion_cache, run_cli
 from equivalence import assert_equivalent, norm_types
+from prenorm_convert import memory_plan
 from prenorm_convert.examples import build_checkpoint, rename_prefix
 
 
@@ -39,6 +41,9 @@ class Case:
     bf16: bool = True
     # (model_type, class) of the stock RMSNorm architecture the default output is (spec lands_in)
     lands_in: tuple[str, str] | None = None
+    # targets also verified streamed from disk (docs/report.md "Streamed verification"): one case per
+    # structural variety (key renames, baked stem, in-place writer sums, landing, no β)
+    streamed: tuple[str, ...] = ()
 
 
 def _mask_buffers(template: str, layers: int = 2, positions: int = 128) -> dict[str, torch.Tensor]:
@@ -49,13 +54,14 @@ def _mask_buffers(template: str, layers: int = 2, positions: int = 128) -> dict[
 CASES = [
     Case("gpt2", "gpt2"),
     Case("opt", "opt"),
-    Case("bloom", "bloom", loads_without_remote_code=False),  # its stem norm is baked into the table
+    Case("bloom", "bloom", loads_without_remote_code=False, streamed=("rmsnorm", "crmsnorm")),  # its stem norm is baked into the table
     # Pythia's uploads: the head stored as embed_out, causal-mask and rotary buffers
     Case(
         "gpt_neox-parallel",
         "gpt_neox",
         {"rotary_pct": 0.25, "tie_word_embeddings": False},
         hub_layout=("lm_head.", "embed_out.", {**_mask_buffers("gpt_neox.layers.{L}.attention.bias"), "gpt_neox.layers.0.attention.rotary_emb.inv_freq": torch.ones(2)}),
+        streamed=("rmsnorm", "fold-affine"),
     ),
     Case("gpt_neox-sequential-tied", "gpt_neox", {"use_parallel_residual": False, "tie_word_embeddings": True}, bf16=False),
     Case("gptj", "gptj", {"tie_word_embeddings": False}, hub_layout=("transformer.", "transformer.", _mask_buffers("transformer.h.{L}.attn.bias"))),
@@ -63,7 +69,7 @@ CASES = [
     Case("gpt_neo-untied", "gpt_neo", {"tie_word_embeddings": False}),
     Case("phi", "phi", {"partial_rotary_factor": 0.5, "tie_word_embeddings": False}),
     Case("phi-qk_layernorm-tied", "phi", {"qk_layernorm": True}, inner_norms={"LayerNorm": 4}, bf16=False),
-    Case("falcon-7b", "falcon", {"new_decoder_architecture": False, "parallel_attn": True, "multi_query": True}),
+    Case("falcon-7b", "falcon", {"new_decoder_architecture": False, "parallel_attn": True, "multi_query": True}, streamed=("rmsnorm",)),
     Case("falcon-40b", "falcon", {"new_decoder_architecture": True, "num_kv_heads": 2}, bf16=False),
     Case("falcon2-11b", "falcon", {"new_decoder_architecture": True, "num_ln_in_parallel_attn": 1, "num_kv_heads": 2}, bf16=False),
     Case(
@@ -74,7 +80,7 @@ CASES = [
     ),
     Case("gpt_bigcode-multi_query", "gpt_bigcode", {"multi_query": True}),
     Case("gpt_bigcode-untied", "gpt_bigcode", {"multi_query": False, "tie_word_embeddings": False}, bf16=False),
-    Case("mpt", "mpt"),  # LayerNorms without β
+    Case("mpt", "mpt", streamed=("rmsnorm",)),  # LayerNorms without β
     Case("stablelm-sequential", "stablelm", {"use_parallel_residual": False, "tie_word_embeddings": False}),
     Case(
         "stablelm-parallel-qk_layernorm",
@@ -91,7 +97,7 @@ CASES = [
     Case("nemotron", "nemotron", {"tie_word_embeddings": False}, loads_without_remote_code=False),  # stores γ - 1
     Case("biogpt", "biogpt"),
     # LayerNorms without parameters: the default output is a stock Llama (tied and untied sources)
-    Case("olmo-untied", "olmo", {"tie_word_embeddings": False}, lands_in=("llama", "LlamaForCausalLM")),
+    Case("olmo-untied", "olmo", {"tie_word_embeddings": False}, lands_in=("llama", "LlamaForCausalLM"), streamed=("rmsnorm",)),
     Case("olmo-tied", "olmo", {"tie_word_embeddings": True}, lands_in=("llama", "LlamaForCausalLM"), bf16=False),
     Case("olmo-clip_qkv-tied", "olmo", {"clip_qkv": 0.5}, bf16=False),
 ]
@@ -154,6 +160,22 @@ def test_the_default_target_loads_as_the_stock_class_where_it_can(converted, cas
         else:
             assert type(compared["converted"]).__name__ == type(compared["original"]).__name__
             assert norm_types(compared["converted"]) == norm_types(compared["original"])
+
+
+STREAMED = [(case, target) for case in CASES for target in case.streamed]
+
+
+@pytest.mark.parametrize(("case", "target"), STREAMED, ids=[f"{case.id}-{target}" for case, target in STREAMED])
+def test_streamed_verification_says_what_the_in_memory_one_says(converted, case, target, monkeypatch):
+    src, out = converted(case.id, TARGETS[target])
+    monkeypatch.setattr(memory_plan, "IN_MEMORY_BYTES_PER_PARAMETER", 10**12)  # as if the models did not fit
+    report = prenorm_convert.verify(src, out, max_memory="64GB")
+    in_memory = json.loads((out / "conversion_report.json").read_text())
+    assert report["streamed"] is not None and report["passed"], report["failures"]
+    assert report["first_bad_layer"] is None and len(report["per_layer"]) == len(in_memory["per_layer"]) == 2
+    assert report["residual_mean_max"] < 1e-5 and report["top1_agreement"] == 1.0
+    for key in ("params_original", "params_converted", "positions", "logit_scale"):
+        assert report[key] == pytest.approx(in_memory[key], rel=1e-5), key
 
 
 BF16_CASES = [case for case in CASES if case.bf16]

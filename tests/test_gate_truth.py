@@ -132,7 +132,7 @@ def test_a_wrong_rewrite_still_fails_the_float32_gate(gpt2_dir, tmp_path, monkey
 
 
 def test_top1_may_differ_only_at_near_ties():
-    from prenorm_convert.verification import Tolerances
+    from prenorm_convert.tolerances import Tolerances
 
     limits = Tolerances().resolve(
         torch.float32, 10.0, None, float32_error={"max_abs_logit_diff": 1e-4, "max_kl_divergence": 1e-12}, near_tie_fraction=lambda gap: 0.01 if gap >= 6e-4 else 0.0

@@ -8,22 +8,7 @@ import json
 import shutil
 
 import pytest
-import torch
-from safetensors.torch import load_file, save_file
-
-from conftest import run_cli
-
-
-def tamper(folder, name: str) -> None:
-    """Add noise to one tensor of a converted folder (the writer of one layer)."""
-    for shard in sorted(folder.glob("*.safetensors")):
-        tensors = load_file(shard)
-        if name in tensors:
-            generator = torch.Generator().manual_seed(0)
-            tensors[name] = tensors[name] + 0.05 * torch.randn(tensors[name].shape, generator=generator).to(tensors[name].dtype)
-            save_file(tensors, shard, metadata={"format": "pt"})
-            return
-    raise AssertionError(name)
+from conftest import run_cli, tamper
 
 
 @pytest.mark.parametrize("options", [(), ("--target", "crmsnorm")], ids=["rmsnorm", "crmsnorm"])

@@ -9,22 +9,11 @@ project's 2-core test machine: 4 layers 356 MiB, 16 layers 362 MiB (docs/perform
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
+from conftest import child_peak_rss
 from prenorm_convert.examples import build_checkpoint
 
 SHAPE = {"n_embd": 384, "n_head": 6, "n_positions": 256}
-CONVERT = (
-    "import sys; from prenorm_convert.conversion import convert; convert(sys.argv[1], sys.argv[2], verify_output=False); "
-    "print([line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM:')][0])"
-)
-
-
-def peak_rss_of_conversion(src, out) -> int:
-    result = subprocess.run([sys.executable, "-c", CONVERT, str(src), str(out)], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    return int(result.stdout.split()[-1]) * 1024  # the kernel reports KiB
+CONVERT = "import sys; from prenorm_convert.conversion import convert; convert(sys.argv[1], sys.argv[2], verify_output=False)"
 
 
 def weight_bytes(folder) -> int:
@@ -37,7 +26,7 @@ def test_peak_memory_flat_from_4_to_16_layers(tmp_path):
         src = tmp_path / f"gpt2-{layers}"
         build_checkpoint(src, "gpt2", seed=layers, overrides={**SHAPE, "n_layer": layers}, tokenizer=False, max_shard_size="50MB")
         sizes[layers] = weight_bytes(src)
-        peaks[layers] = peak_rss_of_conversion(src, tmp_path / f"out-{layers}")
+        peaks[layers] = child_peak_rss(CONVERT, src, tmp_path / f"out-{layers}")
     added_weights = sizes[16] - sizes[4]
     assert added_weights > 80e6
     growth = peaks[16] - peaks[4]

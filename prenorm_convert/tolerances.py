@@ -1,0 +1,127 @@
+"""Pass criteria of a verification (docs/report.md "Default tolerances"): what a float32 comparison
+may differ by, what a reduced dtype may cost, and the one line a failed report is summed up in."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .errors import BadInputError
+
+# how much worse than the original's own reduced-precision error the converted model may be
+REDUCED_DTYPE_ERROR_RATIO = 1.5
+REDUCED_DTYPE_TOP1_SLACK = 0.05
+# float32: the bar never drops below this fraction of the logit scale, nor a KL of FLOAT32_KL_FLOOR
+FLOAT32_RELATIVE_FLOOR = 1e-5
+FLOAT32_KL_FLOOR = 1e-6
+
+
+@dataclass
+class Tolerances:
+    """Pass criteria. None means 'derive from the dtype' (see resolve)."""
+
+    max_abs_logit_diff: float | None = None
+    max_kl: float | None = None
+    min_top1: float | None = None
+    greedy_tokens: int = 32
+    require_greedy_match: bool | None = None
+
+    def __post_init__(self):
+        # checked when built (before any conversion work), so a bad threshold is a usage error: exit 2
+        for name in ("max_abs_logit_diff", "max_kl"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                raise BadInputError(f"--{name.replace('_', '-')} must be 0 or more, got {value}")
+        if self.min_top1 is not None and not 0 <= self.min_top1 <= 1:
+            raise BadInputError(f"--min-top1 is a fraction of positions, between 0 and 1, got {self.min_top1}")
+        if self.greedy_tokens < 0:
+            raise BadInputError(f"--greedy-tokens must be 0 (no generation compared) or more, got {self.greedy_tokens}")
+
+    def resolve(
+        self,
+        dtype: torch.dtype,
+        logit_scale: float,
+        original_error: dict | None,
+        weights_error: dict | None = None,
+        float32_error: dict | None = None,
+        near_tie_fraction=None,
+    ) -> dict:
+        """The limits applied (docs/report.md, "Default tolerances"). float32: ``float32_error`` is the
+        original's own float32 run against its float64 self, and ``near_tie_fraction(gap)`` the share
+        of positions whose reference top two logits are within ``gap``."""
+        if dtype == torch.float32 or dtype == torch.float64:
+            return self._resolve_float32(logit_scale, float32_error, near_tie_fraction)
+        assert original_error is not None
+        dtype_cost = dtype_cost_of(original_error, weights_error)
+        return {
+            "max_abs_logit_diff": self.max_abs_logit_diff
+            if self.max_abs_logit_diff is not None
+            else REDUCED_DTYPE_ERROR_RATIO * dtype_cost["max_abs_logit_diff"],
+            "max_kl": self.max_kl if self.max_kl is not None else REDUCED_DTYPE_ERROR_RATIO * dtype_cost["max_kl_divergence"],
+            "min_top1": self.min_top1 if self.min_top1 is not None else dtype_cost["top1_agreement"] - REDUCED_DTYPE_TOP1_SLACK,
+            "require_greedy_match": False if self.require_greedy_match is None else self.require_greedy_match,
+            "basis": f"{dtype_name(dtype)}: no more than {REDUCED_DTYPE_ERROR_RATIO}x what the dtype costs: the original "
+            f"model's own {dtype_name(dtype)} error against its float32 self, plus what rounding the rewritten tensors "
+            f"to {dtype_name(dtype)} costs (rounded_weights)",
+        }
+
+    def _resolve_float32(self, logit_scale: float, float32_error: dict | None, near_tie_fraction) -> dict:
+        # two float32 models each carry about the original's own float32 rounding error, which grows
+        # with the prompts compared: the bar is their sum with the reduced-dtype margin, and never
+        # below FLOAT32_RELATIVE_FLOOR x the logit scale (docs/report.md, "Default tolerances")
+        own_abs = _finite_or_zero(float32_error["max_abs_logit_diff"]) if float32_error else 0.0
+        own_kl = _finite_or_zero(float32_error["max_kl_divergence"]) if float32_error else 0.0
+        max_abs = self.max_abs_logit_diff
+        if max_abs is None:
+            max_abs = max(FLOAT32_RELATIVE_FLOOR * logit_scale, REDUCED_DTYPE_ERROR_RATIO * 2 * own_abs)
+        min_top1 = self.min_top1
+        if min_top1 is None:
+            # logits that all move by at most max_abs can swap the top token only where the top two
+            # were within 2 x max_abs: those positions may disagree, no other
+            min_top1 = 1.0 - (near_tie_fraction(2 * max_abs) if near_tie_fraction is not None else 0.0)
+        return {
+            "max_abs_logit_diff": max_abs,
+            "max_kl": self.max_kl if self.max_kl is not None else max(FLOAT32_KL_FLOOR, REDUCED_DTYPE_ERROR_RATIO * 4 * own_kl),
+            "min_top1": min_top1,
+            "require_greedy_match": True if self.require_greedy_match is None else self.require_greedy_match,
+            "basis": f"float32: max |Δlogit| within the larger of {FLOAT32_RELATIVE_FLOOR:g} of the logit scale and "
+            f"{REDUCED_DTYPE_ERROR_RATIO}x the float32 error of two models, each the original's own against its "
+            "float64 self (original_float32_error); the top token may differ only where the reference's top two "
+            "logits are closer than twice that",
+        }
+
+
+def dtype_cost_of(original_error: dict, weights_error: dict | None) -> dict:
+    """The error a reduced dtype costs a converted model: the original's own error in that dtype, plus
+    the cost of rounding the rewritten tensors (which the original never had to round), combined
+    as independent errors add at worst: logit differences add, the square roots of KL divergences
+    add (KL is quadratic in small logit differences), and so do the disagreeing positions."""
+    if weights_error is None:
+        return original_error
+    return {
+        "max_abs_logit_diff": original_error["max_abs_logit_diff"] + weights_error["max_abs_logit_diff"],
+        "max_kl_divergence": (original_error["max_kl_divergence"] ** 0.5 + weights_error["max_kl_divergence"] ** 0.5) ** 2,
+        "top1_agreement": original_error["top1_agreement"] + weights_error["top1_agreement"] - 1,
+    }
+
+
+def _finite_or_zero(value: float) -> float:
+    return value if math.isfinite(value) else 0.0
+
+
+def failure_message(report: dict) -> str:
+    """The one line a failed report is summed up in (CLI and VerificationFailed), naming the first
+    layer whose output departs from the original's (and its worst writer) when the audit found one."""
+    where = ""
+    if report.get("first_bad_layer") is not None:
+        writer = f", worst writer {report['first_bad_writer']}" if report.get("first_bad_writer") else ""
+        where = f" (first layer off: {report['first_bad_layer']}{writer})"
+    return "verification failed: " + "; ".join(report["failures"]) + where
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
