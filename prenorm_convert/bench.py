@@ -36,7 +36,8 @@ from torch import nn
 
 from .checkpoint import check_path_encoding
 from .errors import BadInputError
-from .devices import resolve_device
+from .devices import placement, resolve_device
+from .streaming import input_device
 from .progress import SILENT, Reporter
 from .verification import check_pair
 
@@ -95,16 +96,21 @@ class Variant:
     context: Callable[[], object]  # entered around each timed call (untimed)
 
 
-def load_variants(original: str | Path, converted: str | Path, dtype: torch.dtype, device: torch.device) -> list[Variant]:
+def load_variants(original: str | Path, converted: str | Path, dtype: torch.dtype, device: torch.device, placed: dict) -> list[Variant]:
+    """The three variants, on ``device``, or spread by accelerate (``placed``: devices.placement's
+    keywords, when a device map was asked for)."""
     from .verification import load_converted, load_original
 
-    original_model = load_original(original, dtype).to(device)
+    def put(model):
+        return model if placed else model.to(device)
+
+    original_model = put(load_original(original, dtype, **placed))
     norm_free = NormFree(original_model)
     if not norm_free.norms:
         raise BadInputError(f"'{original}' has no LayerNorm modules; is it the original Pre-LN checkpoint?")
     return [
         Variant("original", original_model, nullcontext),
-        Variant("converted", load_converted(converted, dtype=dtype).to(device), nullcontext),
+        Variant("converted", put(load_converted(converted, dtype=dtype, **placed)), nullcontext),
         Variant("norm_free", original_model, norm_free.active),
     ]
 
@@ -113,8 +119,9 @@ def load_variants(original: str | Path, converted: str | Path, dtype: torch.dtyp
 
 
 def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    if device.type == "cuda":  # every GPU: a device map may spread the model over several
+        for index in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(index)
 
 
 def _cache_keyword(model: nn.Module) -> str:
@@ -353,6 +360,7 @@ def benchmark(
     converted: str | Path,
     *,
     device: str = "cpu",
+    device_map: str | None = None,
     dtype: str = "float32",
     threads: int | None = None,
     settings: BenchSettings | None = None,
@@ -365,6 +373,7 @@ def benchmark(
         if not path.is_dir():
             raise BadInputError(f"'{path}' is not a checkpoint folder")
         check_path_encoding(path, what)
+    placed = placement(device if device != "cpu" else None, device_map) if device_map is not None else {}
     torch_device = resolve_device(device)
     check_pair(original, converted)
     if settings.rounds < 1 or min(settings.batch_sizes + settings.seq_lens) < 1:
@@ -376,7 +385,8 @@ def benchmark(
     torch_dtype = _resolve_dtype(dtype, converted)
     load_before = _load_average()
     with reporter.step("loading the original and the converted model"):
-        variants = load_variants(original, converted, torch_dtype, torch_device)
+        variants = load_variants(original, converted, torch_dtype, torch_device, placed)
+    torch_device = input_device(variants[0].model)  # with a device map: where the first module is
     config = variants[0].model.config
     vocab_size = config.vocab_size
     max_positions = getattr(config, "max_position_embeddings", None)

@@ -585,6 +585,9 @@ def bench(
     original: Path = typer.Argument(..., help="The original Pre-LN checkpoint folder."),
     converted: Path = typer.Argument(..., help="A folder written by prenorm-convert."),
     device: str = typer.Option("cpu", help="torch device: cpu, cuda, cuda:1, ..."),
+    device_map: Optional[str] = typer.Option(
+        None, "--device-map", help="Spread the models with accelerate instead: auto, balanced, balanced_low_0 or sequential."
+    ),
     dtype: str = typer.Option("float32", help="float32, bfloat16, float16, or auto (the converted folder's dtype)."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch (default: torch's choice)."),
     batch_sizes: str = typer.Option("1,8", help="Prefill batch sizes, comma-separated."),
@@ -614,7 +617,9 @@ def bench(
             decode_tokens=decode_tokens,
             train=train,
         )
-        result = benchmark(original, converted, device=device, dtype=dtype, threads=threads, settings=settings, reporter=_reporter(quiet))
+        result = benchmark(
+            original, converted, device=device, device_map=device_map, dtype=dtype, threads=threads, settings=settings, reporter=_reporter(quiet)
+        )
         print_bench(result)
         _write_json(json_path, result)
 

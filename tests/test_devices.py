@@ -45,3 +45,22 @@ def test_an_absent_device_is_bad_input_before_any_work(gpt2_dir, converted_gpt2,
     result = run_cli("verify", gpt2_dir, converted_gpt2, *placement, "--json", tmp_path / "report.json")
     assert result.exit_code == 2 and words in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert snapshot(tmp_path) == before
+
+
+def test_bench_runs_with_a_device_map(gpt2_dir, converted_gpt2):
+    result = run_cli(
+        "bench", gpt2_dir, converted_gpt2, "--device-map", "auto", "--batch-sizes", "1", "--seq-lens", "4",
+        "--rounds", "1", "--decode-tokens", "2", "--threads", "1", "--json", "-", "--quiet",
+    )
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["device"] == "cpu"  # accelerate's map on a machine without accelerators
+    for block in (report["prefill"][0], report["decode"]):
+        assert all(times["min"] > 0 for times in block["seconds"].values()) and block["ratio_to_original"]["converted"]["of_min"] > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_bench_refuses_an_absent_device_and_a_double_placement(gpt2_dir, converted_gpt2):
+    for placement, words in ((("--device", "cuda"), "torch sees no CUDA device"), (("--device", "cuda", "--device-map", "auto"), "not both")):
+        result = run_cli("bench", gpt2_dir, converted_gpt2, *placement, "--quiet")
+        assert result.exit_code == 2 and words in result.stderr, result.stderr
