@@ -17,9 +17,11 @@ import torch
 
 from .checkpoint import SourceCheckpoint, converted_folder_config
 from .metrics import Batches, batch_logits, compare_logits
-from .row_blocks import op_rows
+from .row_blocks import DEFAULT_BLOCK_BYTES, op_rows
 from .streaming import parameter_tensors, replace_offloaded
 from .tolerances import dtype_name
+
+BLOCK_BYTES = DEFAULT_BLOCK_BYTES  # float64 bytes of rewritten rows computed at once (tests make it tiny)
 
 
 @torch.no_grad()
@@ -67,11 +69,6 @@ class _ExactRewrites:
         self.not_matching: list[str] = []
         self.pending: set[str] = set()
 
-    def check(self, name: str, stored: torch.Tensor, exact: torch.Tensor) -> None:
-        self.pending.discard(name)
-        if name not in self.not_matching and not torch.equal(exact.to(self.stored_dtype).to(stored.dtype), stored):
-            self.not_matching.append(name)
-
     def install(self, model, rewritten) -> None:
         for op in rewritten:
             try:
@@ -81,13 +78,20 @@ class _ExactRewrites:
             if param is None or tuple(param.shape) != tuple(op.shape):  # not the model this rewrite makes
                 self.not_matching.append(op.name)
             elif param.device.type == "meta":
-                replace_offloaded(model, op.name, lambda op=op: torch.cat([rows for _, rows in op_rows(op, self.source)]), self.check)
+                replace_offloaded(model, op.name, lambda stored, op=op: self.exact(op, stored, torch.empty_like(stored)))
                 self.pending.add(op.name)
             else:
-                for start, rows in op_rows(op, self.source):
-                    target = param[start : start + rows.shape[0]]
-                    self.check(op.name, target, rows)
-                    target.copy_(rows)
+                self.exact(op, param.detach(), param.detach())
+
+    def exact(self, op, stored: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``op``'s exact rewrite written into ``out`` block by block (``out`` may be ``stored``), each
+        block of ``stored`` checked first against the block rounded to the stored dtype."""
+        self.pending.discard(op.name)
+        for start, rows in op_rows(op, self.source, block_bytes=BLOCK_BYTES):  # a block is valid until the next is asked for
+            if op.name not in self.not_matching and not torch.equal(rows.to(self.stored_dtype).to(stored.dtype), stored[start : start + rows.shape[0]]):
+                self.not_matching.append(op.name)
+            out[start : start + rows.shape[0]].copy_(rows)
+        return out
 
     def check_unread(self, model) -> None:
         """Offloaded rewrites whose module did not run: reading them through the module's weights

@@ -215,22 +215,16 @@ def parameter_blocks(model) -> Iterator[tuple[str, Iterator[torch.Tensor]]]:
 
 class RewrittenWeights(Mapping):
     """An offloaded module's weights as it loads them, with some replaced (rounded_weights_error: a
-    rewrite at its exact value). ``entries[leaf] = (name, exact, check)``: ``exact()`` computes the
-    replacement in float64, ``check(name, stored, exact)`` sees the stored tensor first, and the
-    module gets the replacement in its own dtype."""
+    rewrite at its exact value): ``entries[leaf](stored)`` gets the stored tensor, as the module
+    runs it, and returns what the module gets instead."""
 
     def __init__(self, stored: Mapping):
         self.stored = stored
-        self.entries: dict[str, tuple[str, Callable[[], torch.Tensor], Callable]] = {}
+        self.entries: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
 
     def __getitem__(self, key: str) -> torch.Tensor:
         stored = self.stored[key]
-        if key not in self.entries:
-            return stored
-        name, exact, check = self.entries[key]
-        value = exact()
-        check(name, stored, value)
-        return value  # cast by accelerate to the dtype the module runs in
+        return self.entries[key](stored) if key in self.entries else stored
 
     def __iter__(self):
         return iter(self.stored)
@@ -239,13 +233,13 @@ class RewrittenWeights(Mapping):
         return len(self.stored)
 
 
-def replace_offloaded(model, name: str, exact: Callable[[], torch.Tensor], check: Callable) -> None:
-    """Make the offloaded parameter ``name`` load as ``exact()`` (see RewrittenWeights)."""
+def replace_offloaded(model, name: str, replacement: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Make the offloaded parameter ``name`` load as ``replacement(stored)`` (see RewrittenWeights)."""
     module_path, _, leaf = name.rpartition(".")
     hook = model.get_submodule(module_path)._hf_hook
     if not isinstance(hook.weights_map, RewrittenWeights):
         hook.weights_map = RewrittenWeights(hook.weights_map)
-    hook.weights_map.entries[leaf] = (name, exact, check)
+    hook.weights_map.entries[leaf] = replacement
 
 
 class SpilledOutputs:

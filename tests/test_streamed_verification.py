@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import pytest
+import torch
 
 import prenorm_convert
 from conftest import child_peak_rss, run_cli, snapshot, tamper
@@ -82,6 +83,24 @@ def test_bf16_streamed_checks_every_stored_rewrite(gpt2_dir, streamed, tmp_path)
     report = prenorm_convert.verify(gpt2_dir, out, max_memory="64GB")
     assert report["rounded_weights"]["tensors_not_matching"] == ["transformer.h.0.attn.c_proj.weight"]
     assert not report["passed"] and "not the rewrite of ORIGINAL" in report["failures"][0]
+
+
+@pytest.mark.parametrize("streamed_run", [False, True], ids=["in-memory", "streamed"])
+def test_rewrites_computed_in_many_blocks_are_checked_block_by_block(tmp_path, monkeypatch, streamed_run):
+    # a rewritten embedding (untied GPT-NeoX) in blocks of a few rows: each block is valid only until
+    # the next is computed, so the check and the exact model must use it at once
+    from prenorm_convert import rounded_weights
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    build_checkpoint(src, "gpt_neox", seed=5, overrides={"tie_word_embeddings": False}, dtype=torch.bfloat16)
+    prenorm_convert.convert(src, out, verify_output=False)
+    monkeypatch.setattr(rounded_weights, "BLOCK_BYTES", 4096)
+    if streamed_run:
+        monkeypatch.setattr(memory_plan, "IN_MEMORY_BYTES_PER_PARAMETER", STREAM)
+    report = prenorm_convert.verify(src, out, max_memory="64GB")
+    assert (report["streamed"] is not None) == streamed_run
+    assert report["passed"] and report["rounded_weights"]["tensors_not_matching"] == [], report["failures"]
+    assert report["rounded_weights"]["max_abs_logit_diff"] > 0
 
 
 def test_without_max_memory_a_model_larger_than_the_available_memory_streams(pair, monkeypatch):
