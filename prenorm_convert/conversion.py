@@ -20,7 +20,17 @@ from .hub import resolve_source
 from .dtype_checks import parse_dtype
 from .plan import ConversionPlan, make_plan
 from .progress import SILENT, Reporter
-from .row_blocks import DEFAULT_BLOCK_BYTES, RecentTensors, Workspace, run_op, run_op_in_blocks, sliced_inputs, stored_copy
+from .row_blocks import (
+    DEFAULT_BLOCK_BYTES,
+    RecentTensors,
+    Workspace,
+    by_columns,
+    run_op,
+    run_op_by_columns,
+    run_op_in_blocks,
+    sliced_inputs,
+    stored_copy,
+)
 from .safetensors_io import OutputTensor, StreamingShardWriter
 from .sizes import parse_size
 from .spec_loader import match_spec
@@ -117,6 +127,8 @@ def write_weights(source: SourceCheckpoint, plan: ConversionPlan, folder: Path, 
             sliced = sliced_inputs(op, {arg: source.tensors[key].shape for arg, key in op.inputs.items()})
             if stored is not None:
                 writer.copy_stored(op.name, stored)
+            elif sliced is None and by_columns(op):
+                writer.write(op.name, run_op_by_columns(op, source))
             elif sliced is None:
                 writer.write(op.name, run_op(op, tensors))
             else:

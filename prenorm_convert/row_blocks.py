@@ -8,7 +8,8 @@ with it (transform.STEPS); per step and weight layout
 
 - embeddings (``center_rows``, ``bake_layernorm``, ``drop_last_feature``): one row per token — row-wise;
 - ``center_writer_weight`` takes the mean over the output axis: row-wise for Conv1D (rows are
-  inputs), not for Linear (rows are the outputs it averages);
+  inputs), not for Linear (rows are the outputs it averages), which instead works through fixed
+  chunks of its input columns (``run_op_by_columns``);
 - ``fold_gamma`` scales the input axis: Linear rows are outputs (γ stays whole), Conv1D rows are
   inputs (γ is sliced with them);
 - ``fold_beta`` computes W β, a sum over the input axis: row-wise for Linear (the bias rows go
@@ -30,7 +31,8 @@ from typing import Iterator
 import torch
 
 from .safetensors_io import DTYPE_NAMES
-from .transform import STEPS, apply_steps
+from . import transform
+from .transform import STEPS, apply_steps, center_writer_weight
 
 # Two block sizes. I/O blocks: rows read, staged and handed to the writer at once, sized so that
 # one holds this many float64 bytes (the stored-dtype buffers are half or a quarter of it). Compute
@@ -76,6 +78,24 @@ def op_rows(op, source, workspace: "Workspace | None" = None, block_bytes: int =
     for block in run_op_in_blocks(op, source, sliced, block_bytes, workspace):
         yield start, block
         start += block.shape[0]
+
+
+def by_columns(op) -> bool:
+    """Whether ``op`` is a Linear writer's centring alone, which works column chunk by column chunk
+    (transform.center_writer_weight): the one whole-tensor op whose float64 copies grow with the
+    model (a 7B MLP output projection: 537 MB each)."""
+    return len(op.inputs) == 1 and len(op.steps) == 1 and op.steps[0] == ("center_writer_weight", {"layout": "linear"}) and len(op.shape) == 2
+
+
+def run_op_by_columns(op, source) -> torch.Tensor:
+    """``op`` (see by_columns) with only the stored tensor, the result and one float64 column chunk
+    in memory: the same chunks, so bit for bit what run_op computes on the whole tensor."""
+    stored = source.read(next(iter(op.inputs.values())))
+    out = torch.empty(op.shape, dtype=op.dtype)
+    chunk = transform.LINEAR_COLUMN_CHUNK
+    for start in range(0, stored.shape[1], chunk):
+        out[:, start : start + chunk] = center_writer_weight(stored[:, start : start + chunk].to(torch.float64), "linear")
+    return out
 
 
 def stored_copy(op, source):

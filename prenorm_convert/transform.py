@@ -102,10 +102,23 @@ def center_rows(x: torch.Tensor) -> torch.Tensor:
     return x - x.mean(dim=-1, keepdim=True)
 
 
+# a Linear writer is centred a fixed number of its input columns at a time: each column's mean is
+# its own, and fixed chunks make the float64 sums the same whether the whole weight is in memory or
+# the conversion works through it chunk by chunk (row_blocks.run_op_by_columns)
+LINEAR_COLUMN_CHUNK = 256
+
+
 @step("center output columns", rows=_rows_by_layout(linear=None, conv1d=("weight",)))
 def center_writer_weight(weight: torch.Tensor, layout: str) -> torch.Tensor:
     """Writer weight: every output column zero-mean over the d output features."""
-    return weight - weight.mean(dim=_out_axis(layout), keepdim=True)
+    if layout != "linear" or weight.dim() != 2:
+        return weight - weight.mean(dim=_out_axis(layout), keepdim=True)
+    out = torch.empty_like(weight)
+    chunk = LINEAR_COLUMN_CHUNK
+    for start in range(0, weight.shape[1], chunk):
+        columns = weight[:, start : start + chunk].contiguous()
+        out[:, start : start + chunk] = columns - columns.mean(dim=0, keepdim=True)
+    return out
 
 
 @step("center")

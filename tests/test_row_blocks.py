@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from prenorm_convert import conversion, row_blocks
+from prenorm_convert import conversion, row_blocks, transform
 from prenorm_convert.checkpoint import SourceCheckpoint
 from prenorm_convert.examples import build_checkpoint
 from prenorm_convert.plan import make_plan
-from prenorm_convert.row_blocks import RecentTensors, run_op, run_op_in_blocks, sliced_inputs
+from prenorm_convert.row_blocks import RecentTensors, by_columns, run_op, run_op_by_columns, run_op_in_blocks, sliced_inputs
 from prenorm_convert.spec_loader import match_spec
 
 # small enough that every row-wise tensor of the tiny models is split into several uneven blocks,
@@ -57,6 +57,22 @@ def test_blocks_equal_whole_op_bit_for_bit(family_dirs, family, target, fold):
     assert {"embedding", "reader"} <= streamed_roles
     if family == "gpt2":  # Conv1D writers average over columns, so their rows are independent
         assert "writer" in streamed_roles
+
+
+@pytest.mark.parametrize("family", ["opt", "bloom"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_linear_writers_by_column_chunks_equal_the_whole_op_bit_for_bit(family_dirs, family, dtype, monkeypatch):
+    monkeypatch.setattr(transform, "LINEAR_COLUMN_CHUNK", 24)  # several uneven chunks per writer
+    source = SourceCheckpoint.open(family_dirs[family])
+    plan = make_plan(source, match_spec(source.config), target="rmsnorm", fold_affine=False, dtype=dtype)
+    ops = [op for op in plan.ops if by_columns(op)]
+    assert ops and {op.role for op in ops} == {"writer"}
+    for op in ops:
+        lean = run_op_by_columns(op, source)
+        assert torch.equal(bits(lean), bits(run_op(op, RecentTensors(source)))), op.name
+        if dtype == torch.float64:  # every output column (fixed input) zero-mean over the outputs
+            assert lean.mean(dim=0).abs().max() < 1e-15 * max(1.0, float(lean.abs().max()))
+    source.close()
 
 
 def test_row_rules_refuse_reductions_over_rows():
