@@ -12,7 +12,7 @@ import gc
 import json
 import logging
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -140,6 +140,7 @@ class _Session:
     allow_pickle: bool
     offload: Offload | None = None
     batches: list = None
+    layers: list[str] = field(default_factory=list)  # decoder layer paths (streamed progress)
 
     def original_model(self, dtype: torch.dtype):
         if self.offload is None:
@@ -157,17 +158,24 @@ class _Session:
         self.batches = batched(prompts, batch_sizes([ids.numel() for ids in prompts], self.memory))
 
     @contextmanager
-    def passes(self, description: str, count: int) -> Iterator[Callable[[], None]]:
-        """A progress bar over the streamed batches of ``count`` forward passes (a step otherwise)."""
+    def passes(self, description: str, models: list) -> Iterator[Callable[[], None]]:
+        """While each of ``models`` runs every batch once: a step in memory; streamed (minutes per
+        pass for a large model), a progress bar advanced by every decoder layer that finishes, or
+        by every batch (calling what this yields) when the family has no per-layer norms."""
         if not self.memory.streamed:
             with self.reporter.step(description):
                 yield lambda: None
             return
-        with self.reporter.counter(description, count * len(self.batches)) as advance:
-            yield advance
+        with self.reporter.counter(description, len(models) * len(self.batches) * max(1, len(self.layers))) as advance:
+            handles = [model.get_submodule(path).register_forward_hook(lambda *_: advance()) for model in models for path in self.layers]
+            try:
+                yield (lambda: None) if self.layers else advance
+            finally:
+                for handle in handles:
+                    handle.remove()
 
     def logits(self, model, description: str) -> list[torch.Tensor]:
-        with self.passes(description, 1) as advance:
+        with self.passes(description, [model]) as advance:
             return batch_logits(model, self.batches, advance)
 
 
@@ -178,7 +186,8 @@ def paired_logits(session: _Session, reference_model, candidate_model, audit: La
     if audit is None:
         return session.logits(reference_model, "running the original"), session.logits(candidate_model, "running the converted model")
     reference, candidate = [], []
-    with session.passes(f"comparing logits and every layer's output on {sum(len(b[1]) for b in session.batches)} prompts", 2) as advance:
+    prompts = sum(len(lengths) for _, lengths in session.batches)
+    with session.passes(f"comparing logits and every layer's output on {prompts} prompts", [reference_model, candidate_model]) as advance:
         for ids, lengths in session.batches:
             held = SpilledOutputs() if session.memory.streamed else {}
             try:
@@ -278,6 +287,7 @@ def _measure(session: _Session, spec, tolerances: Tolerances, dtype: torch.dtype
     session.batch(prompts)
     resolved = spec.resolve(reference_model.config)  # the roles of this config's modules
     audit = LayerAudit.for_spec(resolved, resolved.num_layers(reference_model.config.to_dict()), candidate_model.config.prenorm)
+    session.layers = audit.layers if audit is not None else []
     with residual_mean_max(candidate_model) as residual_means:
         reference, candidate = paired_logits(session, reference_model, candidate_model, audit)
     measured = {

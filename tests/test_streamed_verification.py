@@ -159,3 +159,13 @@ def test_streamed_peak_memory_is_flat_from_4_to_16_layers(tmp_path):
     print(f"streamed verify peak RSS: 4 layers {peaks[4] / 2**20:.0f} MiB, 16 layers {peaks[16] / 2**20:.0f} MiB; weights +{added_weights / 1e6:.0f} MB")
     # in memory, verification holds both models and a float64 copy: over 3x the added weights
     assert growth < 0.2 * added_weights, (peaks, sizes)
+
+
+def test_streamed_passes_show_progress_layer_by_layer(pair, streamed):
+    src, out, _ = pair
+    result = run_cli("verify", src, out, "--max-memory", "64GB")
+    assert result.exit_code == 0, result.stderr
+    layers = json.loads((src / "config.json").read_text())["n_layer"]
+    # two models over one batch, every decoder layer: a bar that moves while a large model streams
+    assert f"{2 * layers}/{2 * layers}" in result.stderr and "comparing logits and every layer's output" in result.stderr
+    assert "verifying with the weights streamed from disk" in result.stderr
