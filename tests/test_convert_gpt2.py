@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import re
 
 import pytest
@@ -68,7 +69,8 @@ def test_output_layout_index_side_files_and_the_head_kept_tied(converted, gpt2_d
     assert block["target"] == "rmsnorm" and block["untied_head"] is False and block["centered_at_lookup"] == ["transformer.wte"]
     assert (out / "modeling_prenorm.py").exists()
     imports = [line for line in (out / "modeling_prenorm.py").read_text().splitlines() if line.startswith(("import ", "from "))]
-    assert all(line.split()[1].split(".")[0] in {"torch", "transformers", "__future__"} for line in imports), imports
+    # remote code may need nothing beyond what loading the model needs anyway: torch, transformers, the standard library
+    assert all(line.split()[1].split(".")[0] in {"torch", "transformers"} | sys.stdlib_module_names for line in imports), imports
     # the table is stored once, as it is (the converted model centres its rows at lookup); no head of its own
     original = load(src, remote=False)
     assert "lm_head.weight" not in index["weight_map"]
