@@ -375,7 +375,12 @@ def benchmark(
         check_path_encoding(path, what)
     placed = placement(device if device != "cpu" else None, device_map) if device_map is not None else {}
     torch_device = resolve_device(device)
-    check_pair(original, converted)
+    spec = check_pair(original, converted)
+    if not spec.causal:
+        raise BadInputError(
+            f"bench times prefill, decode and training steps of causal language models; {spec.family} models "
+            f"({spec.auto_class}) are not benchmarked yet: `prenorm-convert verify` checks them"
+        )
     if settings.rounds < 1 or min(settings.batch_sizes + settings.seq_lens) < 1:
         raise BadInputError("rounds, batch sizes and sequence lengths must be positive")
     if threads is not None:

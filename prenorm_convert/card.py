@@ -27,7 +27,10 @@ def report_rows(report: dict) -> list[tuple[str, str]]:
     rows = [(label, "non-finite" if report[key] is None else fmt.format(report[key])) for label, key, fmt in REPORT_ROWS]
     rows += _layer_rows(report)
     greedy = report["greedy_match"]
-    rows.append(("greedy generation", f"{'identical' if greedy['identical'] else 'DIFFERENT'} ({greedy['tokens_compared']} tokens)"))
+    if greedy["identical"] is None:
+        rows.append(("greedy generation", "not compared (the model does not generate)"))
+    else:
+        rows.append(("greedy generation", f"{'identical' if greedy['identical'] else 'DIFFERENT'} ({greedy['tokens_compared']} tokens)"))
     if report.get("streamed"):
         rows.append(("models", "streamed from disk, one module at a time"))
     rows.append(("passed", "yes" if report["passed"] else "NO: " + "; ".join(report["failures"])))
@@ -61,10 +64,11 @@ def loading_instructions(config: dict) -> str:
             "stream centred, every norm of the original is an RMSNorm, so no remote code is needed, here or in any "
             "engine that runs this architecture.",
         ])
+    auto = next((name for name in config.get("auto_map", {}) if name != "AutoConfig"), "AutoModelForCausalLM")
     lines = [
         "```python",
-        "from transformers import AutoModelForCausalLM",
-        f'model = AutoModelForCausalLM.from_pretrained("{LOCATION_PLACEHOLDER}", trust_remote_code=True)',
+        f"from transformers import {auto}",
+        f'model = {auto}.from_pretrained("{LOCATION_PLACEHOLDER}", trust_remote_code=True)',
         "```",
     ]
     if block["requires_remote_code"]:

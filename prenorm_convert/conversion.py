@@ -63,11 +63,11 @@ def converted_config(source: SourceCheckpoint, plan: ConversionPlan, source_name
     elif plan.requires_remote_code:
         auto_map = {
             "AutoConfig": f"modeling_prenorm.Prenorm{plan.base_config_class}",
-            "AutoModelForCausalLM": f"modeling_prenorm.Prenorm{plan.base_model_class}",
+            spec.auto_class: f"modeling_prenorm.Prenorm{plan.base_model_class}",
         }
         config["model_type"] = "prenorm_" + model_type
     else:
-        auto_map = {"AutoModelForCausalLM": f"modeling_prenorm.PrenormStock{plan.base_model_class}"}
+        auto_map = {spec.auto_class: f"modeling_prenorm.PrenormStock{plan.base_model_class}"}
     if plan.landing is None:
         config["auto_map"] = auto_map
     config["prenorm"] = {
@@ -86,6 +86,8 @@ def converted_config(source: SourceCheckpoint, plan: ConversionPlan, source_name
         "centered_at_lookup": plan.centered_at_lookup,
         # embeddings and writers whose outputs are centred while the model trains (docs/training.md)
         "train_centered": plan.train_centered,
+        "train_centered_parameters": plan.train_centered_parameters,
+        "folded_layer_scales": plan.folded_layer_scales,
         "requires_remote_code": plan.requires_remote_code,
         "norms": plan.norms,
         "biased": plan.biased,

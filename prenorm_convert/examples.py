@@ -51,7 +51,14 @@ SHAPES = {
     "nemotron": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 128, "max_position_embeddings": 128},
     "biogpt": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128, "max_position_embeddings": 128},
     "olmo": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128, "max_position_embeddings": 128},
+    # encoders and vision models (loaded with the Auto class their spec names)
+    "esm": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128, "max_position_embeddings": 130,
+            "position_embedding_type": "rotary", "token_dropout": True, "pad_token_id": 1, "emb_layer_norm_before": False},
+    "clip_text_model": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128, "max_position_embeddings": 64, "projection_dim": 32},
+    "vit": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128, "image_size": 16, "patch_size": 4, "num_labels": 7},
+    "dinov2": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "mlp_ratio": 2, "image_size": 16, "patch_size": 4},
 }
+IMAGE_FAMILIES = ("vit", "dinov2")
 
 
 def build_tokenizer(folder: Path, vocab_size: int = 384):
@@ -64,6 +71,9 @@ def build_tokenizer(folder: Path, vocab_size: int = 384):
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=trainer, bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>")
     tokenizer.save_pretrained(str(folder))
     return tokenizer
+
+
+_LEAVES = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv2d, torch.nn.LayerNorm)
 
 
 @torch.no_grad()
@@ -86,6 +96,11 @@ def perturb(model: torch.nn.Module, seed: int) -> None:
             module.weight.add_(noise((rows, 1), 0.3) + noise((1, width), 0.2) + 0.5)
         elif getattr(module, "bias", None) is not None and isinstance(module.bias, torch.nn.Parameter):
             module.bias.copy_(noise(module.bias.shape, 0.1))
+        if not isinstance(module, _LEAVES) and type(module).__name__ != "Conv1D" and "norm" not in type(module).__name__.lower():
+            # parameters a module holds itself: ViT's cls_token and position embeddings (means far
+            # from 0), DINOv2's LayerScale λ (far from 1)
+            for parameter in module.parameters(recurse=False):
+                parameter.add_(noise(parameter.shape, 0.3) + noise(parameter.shape[:-1] + (1,), 0.3) + 0.5)
 
 
 def build_checkpoint(
@@ -98,26 +113,39 @@ def build_checkpoint(
     max_shard_size: str = "100KB",
     tokenizer: bool = True,
     tie_word_embeddings: bool = True,
+    auto_class: str | None = None,
 ):
-    """Write a tiny random-but-non-trivial checkpoint of `family` to `folder` with save_pretrained."""
+    """Write a tiny random-but-non-trivial checkpoint of `family` to `folder` with save_pretrained,
+    built by ``auto_class`` (default: the one the family's spec names)."""
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    vocab_size, special = 384, {}
-    if tokenizer:
-        built = build_tokenizer(folder)
-        vocab_size = len(built)
-        special = {"bos_token_id": built.bos_token_id, "eos_token_id": built.eos_token_id}
-    settings = {**SHAPES[family], "vocab_size": vocab_size, "tie_word_embeddings": tie_word_embeddings, **special, **(overrides or {})}
-    config = transformers.AutoConfig.for_model(family, **settings)
+    settings = dict(SHAPES[family])
+    if family not in IMAGE_FAMILIES:
+        vocab_size, special = 384, {}
+        if tokenizer:
+            built = build_tokenizer(folder)
+            vocab_size = len(built)
+            special = {"bos_token_id": built.bos_token_id, "eos_token_id": built.eos_token_id}
+        settings.update({"vocab_size": vocab_size, "tie_word_embeddings": tie_word_embeddings, **special})
+        if family == "esm":  # ESM's token dropout rescales by the share of <mask> tokens in a sequence
+            settings["mask_token_id"] = vocab_size - 1
+    config = transformers.AutoConfig.for_model(family, **{**settings, **(overrides or {})})
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config)
+    loader = getattr(transformers, auto_class or _spec_auto_class(family))
+    model = loader.from_config(config) if loader.__name__.startswith("Auto") else loader._from_config(config)
     perturb(model, seed)
     model.to(dtype)
     model.save_pretrained(str(folder), max_shard_size=max_shard_size)
     return model.eval()
+
+
+def _spec_auto_class(family: str) -> str:
+    from .spec_loader import load_specs
+
+    return next((spec.auto_class for spec in load_specs() if family in spec.model_types), "AutoModelForCausalLM")
 
 
 def strip_prefix(folder: str | Path, prefix: str, extra: dict[str, torch.Tensor] | None = None) -> None:

@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from .model_io import model_output
 from .spec import LAYER, FamilySpec, expand
 
 
@@ -66,7 +67,7 @@ class LayerAudit:
         return self.layers + [w for group in self.writers for w in group]
 
     @torch.no_grad()
-    def record(self, model, ids: torch.Tensor, sink: Callable[[str, torch.Tensor], None], device=None) -> torch.Tensor:
+    def record(self, model, ids: torch.Tensor, sink: Callable[[str, torch.Tensor], None]) -> torch.Tensor:
         """Run ``model`` on a batch of prompts (batch × positions); every audited module's output,
         in float64 on the CPU, goes to ``sink(path, output)`` as it is computed. Returns the logits."""
         handles = []
@@ -77,7 +78,7 @@ class LayerAudit:
 
             handles.append(model.get_submodule(path).register_forward_hook(hook))
         try:
-            return model(ids.to(device if device is not None else model.device)).logits
+            return model_output(model, ids)
         finally:
             for handle in handles:
                 handle.remove()

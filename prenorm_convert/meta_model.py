@@ -14,14 +14,33 @@ from .errors import BadInputError, UnsupportedModelError
 from .spec_loader import config_object
 
 
-def build_meta_model(config: dict):
-    """The stock transformers model for this config, on the meta device (no memory)."""
+def auto_class(name: str):
+    """The transformers Auto class a spec names (AutoModelForCausalLM, AutoModel, ...)."""
     import transformers
 
+    found = getattr(transformers, name, None)
+    if found is None:
+        raise UnsupportedModelError(f"the installed transformers has no {name}; this transformers version is not supported")
+    return found
+
+
+def model_class(config: dict, spec):
+    """The class transformers loads this checkpoint as: the architecture its config.json names, where
+    the spec accepts it and transformers has it (CLIPTextModelWithProjection, which AutoModel would
+    build as CLIPTextModel), else the spec's Auto class."""
+    import transformers
+
+    named = [arch for arch in config.get("architectures") or [] if arch in spec.architectures and hasattr(transformers, arch)]
+    return getattr(transformers, named[0]) if named else auto_class(spec.auto_class)
+
+
+def build_meta_model(config: dict, spec):
+    """The stock transformers model for this config, on the meta device (no memory)."""
     built = config_object(config)
+    loader = model_class(config, spec)
     try:
         with torch.device("meta"):
-            return transformers.AutoModelForCausalLM.from_config(built)
+            return loader.from_config(built) if loader.__name__.startswith("Auto") else loader._from_config(built)
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BadInputError(f"transformers cannot build a model from this config.json ({reason}); fix or re-download it") from None
@@ -39,6 +58,16 @@ def swaps_block(plan) -> dict:
         "removed": plan.removed,
         "resized": plan.resized,
     }
+
+
+def fake_inputs(model: nn.Module, spec) -> dict:
+    """A batch of one, on the meta device, of what the family's models take."""
+    if spec.inputs == "image":
+        config = model.config
+        size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
+        return {"pixel_values": torch.zeros((1, config.num_channels, size, size), device="meta")}
+    inputs = {"input_ids": torch.zeros((1, 3), dtype=torch.long, device="meta")}
+    return {**inputs, "use_cache": False} if spec.causal else inputs
 
 
 def check_resized_forward(model: nn.Module, plan) -> None:
@@ -60,7 +89,7 @@ def check_resized_forward(model: nn.Module, plan) -> None:
         fake_tensor_log.setLevel(logging.CRITICAL)
         try:
             with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
-                model(input_ids=torch.zeros((1, 3), dtype=torch.long, device="meta"), use_cache=False)
+                model(**fake_inputs(model, plan.spec))
         finally:
             fake_tensor_log.setLevel(level)
 

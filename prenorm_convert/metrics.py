@@ -9,16 +9,17 @@ from typing import Callable, Iterator
 
 import torch
 
+from .model_io import model_output
 from .streaming import input_device, parameter_blocks
 
-Batches = list[tuple[torch.Tensor, list[int]]]  # prompts.batched: (right-padded ids, lengths)
+Batches = list[tuple[torch.Tensor, list[int | None]]]  # prompts.batched: (right-padded ids, lengths; None: every position)
 
 
 def per_prompt(logits: torch.Tensor, lengths: list[int]) -> list[torch.Tensor]:
     """One batch's logits split per prompt (its own positions only), on the CPU: float32 for any
     dtype up to float32 (exact), float64 for a float64 run."""
     kept = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    return [row[:length].to("cpu", kept) for row, length in zip(logits, lengths)]
+    return [(row if length is None else row[:length]).to("cpu", kept) for row, length in zip(logits, lengths)]
 
 
 @torch.no_grad()
@@ -26,7 +27,7 @@ def batch_logits(model, batches: Batches, after_batch: Callable[[], None] = lamb
     """The model's logits on every prompt, in prompt order."""
     logits = []
     for ids, lengths in batches:
-        logits += per_prompt(model(ids.to(input_device(model))).logits, lengths)
+        logits += per_prompt(model_output(model, ids), lengths)
         after_batch()
     return logits
 

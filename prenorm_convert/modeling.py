@@ -160,6 +160,31 @@ class PrenormCRMSNorm(nn.Module):
 NORM_KINDS["crmsnorm"] = PrenormCRMSNorm
 
 
+class PrenormCRMSNormOutput(nn.Module):
+    """The last norm of a crmsnorm model whose output is one of the model's outputs (an encoder's
+    last_hidden_state): it rebuilds the d-wide zero-mean stream from the (d-1)-wide one and applies
+    the original's γ, β, so its output is the original norm's, full width (docs/math.md "Norms whose
+    output leaves the model")."""
+
+    def __init__(self, width: int, eps: float, affine: bool = True, bias: bool = True):
+        super().__init__()
+        self.width = width  # d - 1: the residual features (zero padding, if any, follows them)
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(width + 1)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(width + 1)) if bias else None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        full = restore_full_width(hidden_states, self.width)
+        return rms_norm(full, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.width} -> {self.width + 1}, eps={self.eps}, affine={self.weight is not None}, bias={self.bias is not None}"
+
+
+def _norm_class(norm: dict) -> type:
+    return PrenormCRMSNormOutput if norm.get("output") and norm["kind"] == "crmsnorm" else NORM_KINDS[norm["kind"]]
+
+
 def restore_full_width(hidden_states: torch.Tensor, residual_width: int | None = None) -> torch.Tensor:
     """The d-wide zero-mean vector behind a crmsnorm model's (d-1)-wide hidden state: x_d = -Σ x̃.
 
@@ -180,7 +205,9 @@ def _size_attributes(module: nn.Module) -> tuple[tuple[str, int], ...]:
         return (("out_features", 0), ("in_features", 1))
     if isinstance(module, Conv1D):  # weight [in, out]; forward shapes its output with self.nf
         return (("nx", 0), ("nf", 1))
-    raise TypeError(f"cannot resize a {type(module).__name__}: only Embedding, Linear and Conv1D are supported")
+    if isinstance(module, nn.Conv2d):  # a patch projection writing the stream: weight [out, in, kh, kw]
+        return (("out_channels", 0),)
+    raise TypeError(f"cannot resize a {type(module).__name__}: only Embedding, Linear, Conv1D and Conv2d are supported")
 
 
 def _resize_parameters(model: nn.Module, resized: dict) -> None:
@@ -196,7 +223,8 @@ def _resize_parameters(model: nn.Module, resized: dict) -> None:
         overlap = tuple(slice(0, min(a, b)) for a, b in zip(old.shape, shape))
         new[overlap] = old.detach()[overlap]
         setattr(module, attribute, nn.Parameter(new, requires_grad=old.requires_grad))
-        owners[path] = module
+        if attribute in ("weight", "bias"):  # a layer's own weights; ViT's cls_token sizes nothing
+            owners[path] = module
     for module in owners.values():
         for attribute, axis in _size_attributes(module):
             setattr(module, attribute, module.weight.shape[axis])
@@ -239,7 +267,7 @@ def apply_prenorm_swaps(model: nn.Module, block: dict) -> None:
     for path, norm in block["norms"].items():
         old = model.get_submodule(path)
         width = norm["width"] if "width" in norm else old.normalized_shape[0]
-        new = NORM_KINDS[norm["kind"]](width, norm.get("eps", getattr(old, "eps", None)), affine=norm["affine"], bias=norm.get("bias", True))
+        new = _norm_class(norm)(width, norm.get("eps", getattr(old, "eps", None)), affine=norm["affine"], bias=norm.get("bias", True))
         _set_submodule(model, path, new)
     for path in block.get("biased", []):
         linear = model.get_submodule(path)
@@ -338,22 +366,27 @@ def recenter_weights(model: nn.Module) -> None:
             if isinstance(module, nn.Embedding):
                 weight.sub_(weight.mean(-1, keepdim=True))
                 continue
-            weight.sub_(weight.mean(0 if isinstance(module, nn.Linear) else 1, keepdim=True))  # Conv1D: [in, out]
+            weight.sub_(weight.mean(1 if type(module).__name__ == "Conv1D" else 0, keepdim=True))  # Conv1D: [in, out]
             if getattr(module, "bias", None) is not None:
                 module.bias.sub_(module.bias.mean())
+        for name in block.get("train_centered_parameters", []):  # cls_token, position_embeddings
+            parameter = model.get_parameter(name)
+            parameter.sub_(parameter.mean(-1, keepdim=True))
     model._prenorm_trained = False
 
 
 def _warn_if_training_changes_parametrization(model: nn.Module) -> None:
     block = model.config.prenorm
-    if getattr(model, "_prenorm_warned", False) or (block["target"] == "rmsnorm" and not block["fold_affine"] and not block["removed"]):
+    kept = block["target"] == "rmsnorm" and not block["fold_affine"] and not block["removed"] and not block.get("folded_layer_scales")
+    if getattr(model, "_prenorm_warned", False) or kept:
         return
     model._prenorm_warned = True
     import warnings
 
     warnings.warn(
         "training a converted model whose norms' γ, β were folded into the linears (--fold-affine, crmsnorm) or "
-        "whose embedding LayerNorm was baked into the table (BLOOM) starts from the original's function but trains "
+        "whose embedding LayerNorm was baked into the table (BLOOM) or whose layer scales were folded into the writers "
+        "(DINOv2) starts from the original's function but trains "
         "a different parametrization: fine-tuning it is not step for step the original's (docs/training.md)",
         stacklevel=3,
     )

@@ -13,6 +13,7 @@ import torch
 
 from .checkpoint import SourceCheckpoint
 from .dtype_checks import check_float_dtypes, check_not_quantized, quantized_hint
+from .key_names import stored_key_renamer
 from .errors import BadInputError, CorruptCheckpointError, SpecError, UnsupportedModelError
 from .meta_model import build_meta_model, check_resized_forward
 from .row_blocks import DEFAULT_BLOCK_BYTES
@@ -46,7 +47,7 @@ class _Planner:
         self.fold = fold_affine or target == "crmsnorm"
         self.dtype = dtype
         check_not_quantized(source.config)
-        model = build_meta_model(source.config)
+        model = build_meta_model(source.config, spec)
         self.model = model
         # sizes and spec conditions read the parsed config: defaults filled in, legacy names
         # (e.g. BLOOM's n_embed) mapped by transformers
@@ -63,6 +64,8 @@ class _Planner:
             )
         check_structure(model, spec, self.d, self.L)
         self.params = dict(model.named_parameters(remove_duplicate=False))
+        # persistent buffers a checkpoint may store (ESM's rotary inv_freq): copied when stored, never required
+        self.buffers = {name: b for name, b in model.named_buffers() if name in set(model.state_dict()) and name not in self.params}
         self.stored = self._map_stored_keys()
         check_float_dtypes([self.source.tensors[key] for key in self.stored.values()], self.dtype)
         self._check_shapes()
@@ -76,11 +79,16 @@ class _Planner:
     # names -------------------------------------------------------------------------------
     def _map_stored_keys(self) -> dict[str, str]:
         """canonical parameter name -> stored key; reject anything the spec cannot place."""
-        known = set(self.params)
+        known = set(self.params) | set(self.buffers)
         ignored = {name for pattern in self.spec.ignore for name in expand(pattern, self.L)}
         mapping, unknown = {}, []
+        rename = stored_key_renamer(self.model)
         for stored in self.source.tensors:
+            if stored in ignored:
+                continue
             canonical = self.spec.canonical_key(stored, known | ignored)
+            if canonical not in known | ignored:
+                canonical = self.spec.canonical_key(rename(stored), known | ignored)
             if canonical in known:
                 mapping[canonical] = stored
             elif canonical not in ignored:
@@ -96,7 +104,7 @@ class _Planner:
     def _check_shapes(self) -> None:
         """Every stored tensor has the shape the model built from config.json gives its parameter."""
         for canonical, stored in self.stored.items():
-            expected, found = tuple(self.params[canonical].shape), tuple(self.source.tensors[stored].shape)
+            expected, found = tuple({**self.buffers, **self.params}[canonical].shape), tuple(self.source.tensors[stored].shape)
             if expected != found:
                 raise CorruptCheckpointError(
                     f"config.json and the weights disagree: '{stored}' is {list(found)} in the file, but a "
@@ -123,7 +131,9 @@ class _Planner:
         shapes = {arg: tuple(self.source.tensors[key].shape) for arg, key in inputs.items()}
         shape = output_shape(steps, shapes)
         stored = self.stored_dtype(dtype_from or name)
-        out_dtype = self.dtype if (self.dtype is not None and stored.is_floating_point) else stored
+        # a buffer (rotary frequencies) keeps its stored dtype, as transformers keeps it at load
+        cast = self.dtype is not None and stored.is_floating_point and name not in self.buffers
+        out_dtype = self.dtype if cast else stored
         if name in self.done:
             raise SpecError(f"{self.spec.source_file} gives '{name}' more than one role")
         self.ops.append(TensorOp(name, role, dict(inputs), tuple(steps), shape, out_dtype))
@@ -139,8 +149,10 @@ class _Planner:
     def plan(self) -> ConversionPlan:
         tied, head_stored_apart, self.tie_kept = self._head_tie()
         self._plan_embeddings()
+        self._plan_stream_parameters()
         self._plan_writers()
         self._plan_norms(tied)
+        self._plan_head_outside_the_stream(tied)
         landing = self._plan_landing()
         self._plan_the_rest()
         return self._assemble(tied, head_stored_apart, landing)
@@ -193,18 +205,36 @@ class _Planner:
                     steps += self._compressed("feature")
                 self.add(name, "embedding", inputs, steps)
 
+    def _plan_stream_parameters(self) -> None:
+        """Parameters whose last axis is the stream (ViT's cls_token, position_embeddings): centred
+        like embedding rows."""
+        compress = self._compressed("feature") if self.target == "crmsnorm" else []
+        for template in self.spec.stream_parameters:
+            for name in expand(template, self.L):
+                self.add(name, "embedding", {"x": self.key(name)}, [("center_rows", {})] + compress)
+
     def _plan_writers(self) -> None:
         spec, L = self.spec, self.L
         compress = self.target == "crmsnorm"
+        scales = {writer: scale for scale, writer in spec.layer_scale_pairs(L)}
         for template in spec.writers:
             for module in expand(template, L):
                 layout = spec.layout_of(module)
                 weight, bias = f"{module}.weight", f"{module}.bias"
-                steps = [("center_writer_weight", {"layout": layout})] + (self._compressed("output", layout) if compress else [])
-                self.add(weight, "writer", {"weight": self.key(weight)}, steps)
+                scale = scales.get(module)
+                inputs, steps = {"weight": self.key(weight)}, []
+                if scale is not None:  # docs/math.md "LayerScale": λ folded in, then written as ones
+                    inputs["scale"] = self.key(scale)
+                    steps.append(("scale_outputs", {"layout": layout}))
+                steps += [("center_writer_weight", {"layout": layout})] + (self._compressed("output", layout) if compress else [])
+                self.add(weight, "writer", inputs, steps)
                 if self.has(bias):
-                    steps = [("center_vector", {})] + (self._compressed("feature") if compress else [])
-                    self.add(bias, "writer", {"x": self.key(bias)}, steps)
+                    inputs = {"x": self.key(bias)} if scale is None else {"x": self.key(bias), "scale": self.key(scale)}
+                    steps = ([("scale_features", {})] if scale is not None else []) + [("center_vector", {})]
+                    self.add(bias, "writer", inputs, steps + (self._compressed("feature") if compress else []))
+                if scale is not None:
+                    ones = [("ones", {"width": self.d})] + (self._compressed("feature") if compress else [])
+                    self.add(scale, "writer", {}, ones, dtype_from=scale)
 
     def _plan_norms(self, tied: bool) -> None:
         compress = self.target == "crmsnorm"
@@ -214,10 +244,14 @@ class _Planner:
                 width = self.d - 1 if compress else self.d
                 eps = self.spec.norm_module.epsilon(module_at(self.model, norm, self.spec))
                 keeps_head = self.tie_kept and self.spec.head in readers
-                fold = self.fold and not keeps_head  # a head kept tied reads γ, β from its norm
+                # a head kept tied reads γ, β from its norm; a norm whose output is a model output keeps them
+                fold = self.fold and not keeps_head and not group.output
                 self.norms[norm] = {
                     "kind": self.target, "affine": not fold and gamma is not None, "bias": beta is not None, "width": width, "eps": eps,
                 }
+                if group.output:  # docs/math.md "Norms whose output leaves the model"
+                    self.norms[norm]["output"] = True
+                    readers = []  # they read the full-width, affine output, as in the original: copied as they are
                 if not fold:
                     offset = self.spec.norm_module.weight_offset
                     if gamma:  # the norm computes with γ + weight_offset (docs/math.md "Norms")
@@ -232,9 +266,18 @@ class _Planner:
                     else:
                         self._plan_reader(reader, gamma, beta, tied, fold)
 
+    def _plan_head_outside_the_stream(self, untied: bool) -> None:
+        """A head written untied that reads no stream norm (ESM's decoder reads its own head's norm):
+        the original table, as it is."""
+        spec = self.spec
+        head = f"{spec.head}.weight"
+        if untied and head not in self.done and spec.head_tied_to is not None:
+            table = f"{spec.head_tied_to}.weight"
+            self.add(head, "reader", {"x": self.key(table)}, [("identity", {})], dtype_from=table)
+
     def _plan_the_rest(self) -> None:
         """Every other stored parameter is copied; a parameter neither planned nor tied is missing."""
-        for name in self.params:
+        for name in list(self.params) + list(self.buffers):
             if name not in self.done and self.has(name):
                 self.add(name, "other", {"x": self.key(name)}, [("identity", {})])
         missing = [name for name in self.params if name not in self.done and name not in _tied_names(self.model)]

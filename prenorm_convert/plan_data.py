@@ -97,6 +97,19 @@ class ConversionPlan:
         return [module for module in modules if module not in self.centered_at_lookup]
 
     @property
+    def train_centered_parameters(self) -> list[str]:
+        """Stream parameters (cls_token, position_embeddings) the converted model re-centres when it
+        leaves training (docs/training.md)."""
+        if self.target != "rmsnorm" or self.landing is not None:
+            return []
+        return [op.name for op in self.ops if op.role == "embedding" and not op.name.endswith(".weight")]
+
+    @property
+    def folded_layer_scales(self) -> list[str]:
+        """LayerScale parameters folded into their writers and written as ones."""
+        return [op.name for op in self.ops if op.role == "writer" and op.steps and op.steps[0][0] == "ones"]
+
+    @property
     def norm_weights_rewritten(self) -> bool:
         """The stored γ is not what the stock norm class reads (its weight offset was applied)."""
         return self.spec.norm_module.weight_offset != 0 and any(norm["affine"] for norm in self.norms.values())

@@ -96,6 +96,9 @@ def batched(prompts: list[torch.Tensor], sizes: list[int]) -> list[tuple[torch.T
     batches, start = [], 0
     for size in sizes:
         group, start = prompts[start : start + size], start + size
+        if group[0].is_floating_point():  # images: all of one size, every output position compared
+            batches.append((torch.stack(group), [None] * len(group)))
+            continue
         lengths = [ids.numel() for ids in group]
         ids = torch.zeros(len(group), max(lengths), dtype=torch.long)
         for row, prompt in enumerate(group):

@@ -81,6 +81,9 @@ class NormGroup:
     norm: str
     readers: tuple[Entry, ...]
     when: tuple[Condition, ...] = ()
+    # the norm's output is one of the model's outputs (an encoder's last_hidden_state): its γ, β are
+    # kept and its readers left as they are; under crmsnorm it restores the full width first
+    output: bool = False
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,15 @@ class StemNorm:
     norm: str
     embedding: str
     hook: str
+
+
+@dataclass(frozen=True)
+class LayerScale:
+    """A per-channel scale λ on a writer's output before it joins the stream (DINOv2's LayerScale):
+    folded into the writer's rows and bias, then written as ones (docs/math.md "LayerScale")."""
+
+    scale: str  # the parameter path, '{L}' for every layer
+    writer: str
 
 
 @dataclass(frozen=True)
@@ -157,7 +169,7 @@ class FamilySpec:
     embeddings: tuple[Entry, ...]
     norms: tuple[NormGroup, ...]
     writers: tuple[Entry, ...]
-    head: str
+    head: str | None  # None: the model has no head (an encoder whose output is its last norm's)
     head_tied_to: str | None
     stem_norms: tuple[StemNorm, ...]
     ignore: tuple[str, ...]
@@ -166,6 +178,12 @@ class FamilySpec:
     inner_norms: tuple[Entry, ...] = ()
     norm_module: NormModule = field(default_factory=NormModule)
     lands_in: Landing | None = None
+    # the transformers Auto class the family's checkpoints load with, and what they take as input
+    auto_class: str = "AutoModelForCausalLM"
+    inputs: str = "text"
+    # parameters (not modules) whose last axis is the stream: ViT's cls_token and position_embeddings
+    stream_parameters: tuple[Entry, ...] = ()
+    layer_scales: tuple[LayerScale, ...] = ()
     source_file: str = field(default="", compare=False)
     # after resolve(): role -> the templates switched off by the config (check_structure: such a
     # module is absent, active in another role, or off the residual stream)
@@ -192,9 +210,11 @@ class FamilySpec:
             embeddings=active(self.embeddings),
             writers=active(self.writers),
             inner_norms=active(self.inner_norms),
-            norms=tuple(NormGroup(group.norm, active(group.readers)) for group in groups),
+            stream_parameters=active(self.stream_parameters),
+            norms=tuple(NormGroup(group.norm, active(group.readers), output=group.output) for group in groups),
             switched_off={
                 "embedding": off(self.embeddings),
+                "stream parameter": off(self.stream_parameters),
                 "writer": off(self.writers),
                 "inner norm": off(self.inner_norms),
                 "norm": tuple(group.norm for group in dropped),
@@ -221,6 +241,11 @@ class FamilySpec:
     def is_tied(self, config: dict) -> bool:
         return bool(self.config_value(config, "tie_word_embeddings", True)) and self.head_tied_to is not None
 
+    @property
+    def causal(self) -> bool:
+        """A causal language model: verified and benchmarked by generating as well."""
+        return self.auto_class == "AutoModelForCausalLM"
+
     def layout_of(self, module: str) -> str:
         """The head is always an nn.Linear; every other reader/writer uses the family layout."""
         return "linear" if module == self.head else self.layout
@@ -237,6 +262,10 @@ class FamilySpec:
                     return candidate
         return stored_key
 
+    def layer_scale_pairs(self, num_layers: int) -> list[tuple[str, str]]:
+        """(scale parameter, its writer) for every layer."""
+        return [pair for scale in self.layer_scales for pair in expand_pair(scale.scale, scale.writer, num_layers)]
+
     def is_ignored(self, key: str, num_layers: int) -> bool:
         return any(key in expand(pattern, num_layers) for pattern in self.ignore)
 
@@ -246,6 +275,13 @@ def expand(template: str, num_layers: int) -> list[str]:
     if LAYER not in template:
         return [template]
     return [template.replace(LAYER, str(i)) for i in range(num_layers)]
+
+
+def expand_pair(first: str, second: str, num_layers: int) -> list[tuple[str, str]]:
+    """Two templates expanded together: '{L}' is the same layer in both."""
+    if LAYER not in first:
+        return [(first, second)]
+    return [(first.replace(LAYER, str(i)), second.replace(LAYER, str(i))) for i in range(num_layers)]
 
 
 def expand_group(group: NormGroup, num_layers: int) -> list[tuple[str, list[str]]]:

@@ -19,6 +19,7 @@ from .spec import (
     Entry,
     FamilySpec,
     Landing,
+    LayerScale,
     NormGroup,
     NormModule,
     Refusal,
@@ -43,7 +44,16 @@ _SPEC_KEYS = {
     "ignore": list,
     "refuse": list,
 }
-_OPTIONAL_SPEC_KEYS = {"inner_norms": list, "norm_module": dict, "lands_in": dict}
+_OPTIONAL_SPEC_KEYS = {
+    "inner_norms": list,
+    "norm_module": dict,
+    "lands_in": dict,
+    "auto_class": str,
+    "inputs": str,
+    "stream_parameters": list,
+    "layer_scales": list,
+}
+INPUT_KINDS = ("text", "image")
 
 
 def _parse_landing(where: str, data: Any) -> Landing | None:
@@ -134,12 +144,12 @@ def parse_spec(data: Any, source_file: str) -> FamilySpec:
         raise SpecError(f"{source_file}: layout must be one of {LAYOUTS}, got '{data['layout']}'")
     norms = []
     for i, group in enumerate(data["norms"]):
-        _require_keys(f"{source_file}: norms[{i}]", group, {"norm": str, "readers": list}, {"when": (dict, list)})
+        _require_keys(f"{source_file}: norms[{i}]", group, {"norm": str, "readers": list}, {"when": (dict, list), "output": bool})
         readers = _parse_entries(f"{source_file}: norms[{i}].readers", group["readers"])
         if LAYER not in group["norm"] and any(LAYER in entry_module(reader) for reader in readers):
             raise SpecError(f"{source_file}: norms[{i}]: readers use '{LAYER}' but the norm '{group['norm']}' does not")
         when = _parse_when(f"{source_file}: norms[{i}].when", group["when"]) if "when" in group else ()
-        norms.append(NormGroup(group["norm"], readers, when))
+        norms.append(NormGroup(group["norm"], readers, when, output=group.get("output", False)))
     stems = []
     for i, stem in enumerate(data["stem_norms"]):
         _require_keys(f"{source_file}: stem_norms[{i}]", stem, {"norm": str, "embedding": str, "hook": str})
@@ -154,8 +164,16 @@ def parse_spec(data: Any, source_file: str) -> FamilySpec:
     for i, rule in enumerate(data["refuse"]):
         _require_keys(f"{source_file}: refuse[{i}]", rule, {"when": (dict, list), "why": str})
         refusals.append(Refusal(_parse_when(f"{source_file}: refuse[{i}].when", rule["when"]), rule["why"]))
+    if data.get("inputs", "text") not in INPUT_KINDS:
+        raise SpecError(f"{source_file}: inputs must be one of {INPUT_KINDS}, got '{data['inputs']}'")
+    if not data.get("auto_class", "Auto").startswith("Auto"):
+        raise SpecError(f"{source_file}: auto_class must name a transformers Auto class (AutoModel, ...), got '{data['auto_class']}'")
+    scales = []
+    for i, scale in enumerate(data.get("layer_scales", [])):
+        _require_keys(f"{source_file}: layer_scales[{i}]", scale, {"scale": str, "writer": str})
+        scales.append(LayerScale(scale["scale"], scale["writer"]))
     head = data["head"]
-    _require_keys(f"{source_file}: head", head, {"module": str}, {"tied_to": str})
+    _require_keys(f"{source_file}: head", head, {"module": (str, type(None))}, {"tied_to": str})
     aliases = []
     for i, pair in enumerate(data["key_aliases"]):
         if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):
@@ -180,6 +198,10 @@ def parse_spec(data: Any, source_file: str) -> FamilySpec:
         inner_norms=_parse_entries(f"{source_file}: inner_norms", data.get("inner_norms", [])),
         norm_module=_parse_norm_module(f"{source_file}: norm_module", data.get("norm_module")),
         lands_in=_parse_landing(f"{source_file}: lands_in", data.get("lands_in")),
+        auto_class=data.get("auto_class", "AutoModelForCausalLM"),
+        inputs=data.get("inputs", "text"),
+        stream_parameters=_parse_entries(f"{source_file}: stream_parameters", data.get("stream_parameters", [])),
+        layer_scales=tuple(scales),
         source_file=source_file,
     )
 
@@ -238,17 +260,22 @@ def match_spec(config: dict) -> FamilySpec:
     """Pick the spec for a checkpoint's config.json, or explain why there is none."""
     model_type = config.get("model_type")
     architectures = config.get("architectures") or []
-    for spec in load_specs():
-        if model_type in spec.model_types:
-            if architectures and not set(architectures) & set(spec.architectures):
-                raise UnsupportedModelError(
-                    f"cannot convert architecture {'/'.join(architectures)}: for the {spec.family} family only "
-                    f"{'/'.join(spec.architectures)} checkpoints are supported"
-                )
-            rule = spec.refusal_for(config_object(config))
-            if rule is not None:
-                raise UnsupportedModelError(f"cannot convert this {spec.family} checkpoint: {rule.why}")
-            return spec
+    candidates = [spec for spec in load_specs() if model_type in spec.model_types]
+    if candidates:
+        # a model type may have one spec per architecture (ViTModel and ViTForImageClassification
+        # name their modules differently); a config without architectures takes the first
+        matching = [spec for spec in candidates if not architectures or set(architectures) & set(spec.architectures)]
+        if not matching:
+            supported = "/".join(arch for spec in candidates for arch in spec.architectures)
+            raise UnsupportedModelError(
+                f"cannot convert architecture {'/'.join(architectures)}: for the {candidates[0].family} family only "
+                f"{supported} checkpoints are supported"
+            )
+        spec = matching[0]
+        rule = spec.refusal_for(config_object(config))
+        if rule is not None:
+            raise UnsupportedModelError(f"cannot convert this {spec.family} checkpoint: {rule.why}")
+        return spec
     reason = load_not_convertible().get(model_type)
     name = model_type or "/".join(architectures) or "unknown"
     if reason:

@@ -35,9 +35,12 @@ def _has_module(model: nn.Module, path: str) -> bool:
 
 def _in_out(module: nn.Module, layout: str) -> tuple[int, int] | None:
     """(in, out) features of a linear of the given layout; subclasses count (Falcon's FalconLinear
-    computes x @ Wᵀ + b like nn.Linear)."""
+    computes x @ Wᵀ + b like nn.Linear). A Conv2d (ViT's patch projection, weight [out, in, kh, kw])
+    counts as a linear layout writer: its output channels are the stream."""
     if layout == "linear" and isinstance(module, nn.Linear):
         return module.in_features, module.out_features
+    if layout == "linear" and isinstance(module, nn.Conv2d) and module.groups == 1:
+        return module.in_channels, module.out_channels
     if layout == "conv1d" and type(module).__name__ == "Conv1D":
         return module.nx, module.nf
     return None
@@ -79,6 +82,8 @@ def _touches_stream(module: nn.Module, role: str, spec: FamilySpec, path: str, d
     does would be left unconverted)."""
     if role == "embedding":
         return isinstance(module, nn.Embedding) and module.embedding_dim == d
+    if role == "stream parameter":
+        return False  # a parameter, not a module: _check_stream_parameters looks at it
     if role in ("norm", "inner norm"):
         return any(is_norm_like(m, spec) for m in module.modules())
     dims = _in_out(module, spec.layout_of(path))
@@ -106,6 +111,48 @@ def check_structure(model: nn.Module, spec: FamilySpec, d: int, num_layers: int)
     active = {"embedding": embeddings, "norm": stream_norms, "reader": readers, "writer": writers, "inner norm": inner}
     _check_switched_off(model, spec, d, num_layers, set().union(*active.values()) | {spec.head})
     _check_nothing_undeclared(model, spec, d, embeddings, stream_norms | inner, inner)
+    _check_stream_parameters(model, spec, d, num_layers, writers)
+
+
+_LEAF_MODULES = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _check_stream_parameters(model: nn.Module, spec: FamilySpec, d: int, num_layers: int, writers: set[str]) -> None:
+    """Declared stream parameters and layer scales exist, d-wide on their last axis; every other
+    parameter held loose by a module (not a linear, conv, embedding or norm) that is d-wide on its
+    last axis is on the stream or scales it: it must be declared."""
+    params = dict(model.named_parameters())
+    declared = {path for template in spec.stream_parameters for path in expand(template, num_layers)}
+    scales = dict(spec.layer_scale_pairs(num_layers))
+    for path in sorted(declared | set(scales)):
+        if path not in params or params[path].shape[-1] != d:
+            found = tuple(params[path].shape) if path in params else "nothing"
+            raise UnsupportedModelError(f"{spec.source_file} declares '{path}' as a {d}-wide parameter of the stream, found {found}")
+    for scale, writer in scales.items():
+        if params[scale].dim() != 1 or writer not in writers:
+            raise SpecError(f"{spec.source_file}: layer scale '{scale}' must be a [{d}] vector on a declared writer, not on '{writer}'")
+    for path in spec.switched_off.get("stream parameter", ()):
+        for name in expand(path, num_layers):
+            if name in params and name not in declared and params[name].shape[-1] == d:
+                raise UnsupportedModelError(
+                    f"the model has '{name}', which {spec.source_file} expects on the stream only under another config; "
+                    "refusing to leave a part of the residual stream unconverted"
+                )
+    owners = dict(model.named_modules())
+
+    def loose(name: str) -> bool:
+        owner = owners[name.rpartition(".")[0]]
+        return not isinstance(owner, _LEAF_MODULES) and type(owner).__name__ != "Conv1D" and not is_norm_like(owner, spec)
+
+    stray = [
+        name for name, param in params.items()
+        if param.dim() >= 1 and param.shape[-1] == d and name not in declared and name not in scales and loose(name)
+    ]
+    if stray:
+        raise UnsupportedModelError(
+            f"the model has {d}-wide parameter(s) {stray[:3]} that {spec.source_file} does not declare (stream_parameters or "
+            "layer_scales); refusing to leave a part of the residual stream unconverted"
+        )
 
 
 def _stream_norms(model: nn.Module, spec: FamilySpec, d: int, num_layers: int) -> set[str]:

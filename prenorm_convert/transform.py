@@ -127,6 +127,20 @@ def center_vector(x: torch.Tensor) -> torch.Tensor:
     return x - x.mean()
 
 
+@step("scale outputs by the layer scale", rows=_rows_by_layout(linear=("weight", "scale"), conv1d=("weight",)))
+def scale_outputs(weight: torch.Tensor, scale: torch.Tensor, layout: str) -> torch.Tensor:
+    """Writer weight diag(λ)·W: a LayerScale folded in (docs/math.md "LayerScale")."""
+    shape = [1] * weight.dim()
+    shape[_out_axis(layout)] = -1
+    return weight * scale.reshape(shape)
+
+
+@step("scale by the layer scale")
+def scale_features(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Writer bias λ ⊙ b (docs/math.md "LayerScale")."""
+    return x * scale
+
+
 # -- Folding the affine ("Folding the affine") ------------------------------------------------
 
 

@@ -42,7 +42,8 @@ from .progress import SILENT, Reporter
 from .prompts import batched, build_prompts, fit_positions, read_prompt_lines
 from .rounded_weights import rounded_weights_error
 from .memory_plan import STREAMED_GREEDY_PROMPTS, STREAMED_GREEDY_TOKENS, MemoryPlan, batch_sizes, plan_memory
-from .streaming import Offload, SpilledOutputs, input_device
+from .model_io import folder_loader, image_inputs
+from .streaming import Offload, SpilledOutputs
 from .tolerances import Tolerances, dtype_name
 
 
@@ -64,7 +65,7 @@ def load_original(path: str | Path, dtype: torch.dtype, **placed):
     import transformers
 
     _quiet_transformers()
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **placed)
+    model = folder_loader(path).from_pretrained(str(path), dtype=dtype, **placed)
     return model.eval()
 
 
@@ -103,7 +104,7 @@ def load_converted(path: str | Path, dtype: torch.dtype | str | None = None, **k
     _quiet_transformers()
     path = Path(path)
     converted_folder_config(path)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
+    model = folder_loader(path).from_pretrained(
         str(path), trust_remote_code=True, dtype=dtype if dtype is not None else "auto", **kwargs
     )
     return model.eval()
@@ -191,11 +192,11 @@ def paired_logits(session: _Session, reference_model, candidate_model, audit: La
         for ids, lengths in session.batches:
             held = SpilledOutputs() if session.memory.streamed else {}
             try:
-                logits = audit.record(reference_model, ids, held.__setitem__, input_device(reference_model))
+                logits = audit.record(reference_model, ids, held.__setitem__)
                 reference += per_prompt(logits, lengths)
                 advance()
                 compare = lambda path, output: audit.compare(path, held[path], output)  # noqa: E731
-                candidate += per_prompt(audit.record(candidate_model, ids, compare, input_device(candidate_model)), lengths)
+                candidate += per_prompt(audit.record(candidate_model, ids, compare), lengths)
                 advance()
             finally:
                 if isinstance(held, SpilledOutputs):
@@ -254,8 +255,14 @@ def _plan_memory(original: Path, spec, budget: int | None, allow_pickle: bool) -
     from .checkpoint import read_config
 
     config = read_config(original)
-    vocab_size = int(config.get("vocab_size") or config.get("padded_vocab_size") or 0)
-    return plan_memory(original, vocab_size, int(config.get(spec.config_keys["hidden_size"]) or 0), budget, allow_pickle)
+    vocab_size = int(config.get("vocab_size") or config.get("padded_vocab_size") or config.get("num_labels") or 0)
+    memory = plan_memory(original, vocab_size, int(config.get(spec.config_keys["hidden_size"]) or 0), budget, allow_pickle)
+    if memory.streamed and not spec.causal:
+        raise BadInputError(
+            f"verifying this {spec.family} checkpoint needs both models in memory ({memory.reason}), and streamed "
+            "verification runs causal language models only; verify on a machine with more memory, or with --device cuda"
+        )
+    return memory
 
 
 def _checked_pair(original, converted, revision, token, allow_pickle: bool, reporter: Reporter):
@@ -282,8 +289,7 @@ def _measure(session: _Session, spec, tolerances: Tolerances, dtype: torch.dtype
         candidate_model = session.converted_model(dtype)
     # counted before any forward pass: running an offloaded model leaves tied weights as separate meta tensors
     params = {"params_original": param_count(reference_model), "params_converted": param_count(candidate_model)}
-    vocab_size = reference_model.get_output_embeddings().weight.shape[0]
-    prompts, greedy_prompts = fit_positions(build_prompts(session.original, vocab_size, prompt_lines), reference_model.config, tolerances.greedy_tokens)
+    prompts, greedy_prompts = _inputs(session.original, spec, reference_model, tolerances, prompt_lines)
     session.batch(prompts)
     resolved = spec.resolve(reference_model.config)  # the roles of this config's modules
     audit = LayerAudit.for_spec(resolved, resolved.num_layers(reference_model.config.to_dict()), candidate_model.config.prenorm)
@@ -319,6 +325,19 @@ def _measure(session: _Session, spec, tolerances: Tolerances, dtype: torch.dtype
     return measured
 
 
+def _inputs(original: Path, spec, model, tolerances: Tolerances, prompt_lines) -> tuple[list, list]:
+    """(what the models run on, the prompts greedy generation starts from): token-id prompts for a
+    language model (greedy ones for a causal one only), seeded random pixel values for a vision model."""
+    if spec.inputs == "image":
+        if prompt_lines is not None:
+            raise BadInputError(f"--prompts gives text, and {spec.family} models take images; drop --prompts")
+        return image_inputs(original, model.config), []
+    embeddings = model.get_input_embeddings()
+    greedy_tokens = tolerances.greedy_tokens if spec.causal else 0
+    prompts, greedy_prompts = fit_positions(build_prompts(original, embeddings.num_embeddings, prompt_lines), model.config, greedy_tokens)
+    return prompts, greedy_prompts if spec.causal else []
+
+
 def _own_float32_error(session: _Session, reference_model, reference: list[torch.Tensor]) -> dict:
     """The original's own float32 logits against its float64 self (the float32 tolerance's basis)."""
     if session.memory.streamed:
@@ -333,6 +352,8 @@ def _own_float32_error(session: _Session, reference_model, reference: list[torch
 def _greedy_matches(session: _Session, expected_model, candidate_model, greedy_prompts, tokens: int) -> dict:
     """Greedy generations of both models, token for token (streamed: a few tokens on one prompt,
     each token being a pass over every weight)."""
+    if not greedy_prompts:  # an encoder or a vision model: nothing generates
+        return {"prompts": 0, "tokens": 0, "identical": None}
     if session.memory.streamed:
         greedy_prompts, tokens = greedy_prompts[:STREAMED_GREEDY_PROMPTS], min(tokens, STREAMED_GREEDY_TOKENS)
     pad = pad_id(expected_model)
@@ -358,7 +379,7 @@ def _failures(measured: dict, limits: dict, logit_scale_value: float) -> list[st
         failures.append(f"max KL {metrics['max_kl_divergence']:.3g} > {limits['max_kl']:.3g}")
     if metrics["top1_agreement"] < limits["min_top1"]:
         failures.append(f"top-1 agreement {metrics['top1_agreement']:.4f} < {limits['min_top1']:.4f}")
-    if limits["require_greedy_match"] and not measured["greedy"]["identical"]:
+    if limits["require_greedy_match"] and measured["greedy"]["identical"] is False:
         failures.append("greedy generations differ")
     return failures
 

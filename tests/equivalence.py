@@ -76,3 +76,36 @@ def assert_equivalent(original_dir: Path, converted_dir: Path, remote: bool = Tr
 
 def norm_types(model) -> set[str]:
     return {type(module).__name__ for module in model.modules() if "Norm" in type(module).__name__}
+
+
+# -- encoders and vision models: no generation, several outputs ---------------------------------
+
+ENCODER_OUTPUTS = ("logits", "last_hidden_state", "pooler_output", "text_embeds")
+
+
+def load_class(folder: Path, class_name: str, remote: bool):
+    transformers.utils.logging.disable_progress_bar()
+    model, info = getattr(transformers, class_name).from_pretrained(
+        str(folder), trust_remote_code=remote, dtype=torch.float32, output_loading_info=True
+    )
+    assert not info["missing_keys"], info["missing_keys"]
+    assert not info["unexpected_keys"], info["unexpected_keys"]
+    return model.eval()
+
+
+@torch.no_grad()
+def encoder_outputs(model, inputs: dict) -> dict[str, torch.Tensor]:
+    output = model(**inputs)
+    return {key: getattr(output, key).double() for key in ENCODER_OUTPUTS if getattr(output, key, None) is not None}
+
+
+def assert_outputs_match(original, converted, inputs: dict) -> float:
+    """Every output the model gives (logits, last hidden state, pooled, projected) within float32 noise."""
+    expected, found = encoder_outputs(original, inputs), encoder_outputs(converted, inputs)
+    assert expected and set(found) == set(expected), (set(expected), set(found))
+    worst = 0.0
+    for key, reference in expected.items():
+        error = float((reference - found[key]).abs().max() / reference.abs().max())
+        assert error <= REL_LOGIT_TOL, f"{key}: relative max |Δ| {error:.3g} > {REL_LOGIT_TOL}"
+        worst = max(worst, error)
+    return worst

@@ -21,7 +21,7 @@ import torch
 
 import prenorm_convert
 from conftest import conversion_cache, run_cli
-from equivalence import assert_equivalent, norm_types
+from equivalence import assert_equivalent, assert_outputs_match, load_class, norm_types
 from prenorm_convert import memory_plan
 from prenorm_convert.examples import build_checkpoint, rename_prefix
 
@@ -44,6 +44,8 @@ class Case:
     # targets also verified streamed from disk (docs/report.md "Streamed verification"): one case per
     # structural variety (key renames, baked stem, in-place writer sums, landing, no β)
     streamed: tuple[str, ...] = ()
+    # the class the source is built as, when not the one its spec's Auto class builds
+    auto_class: str | None = None
 
 
 def _mask_buffers(template: str, layers: int = 2, positions: int = 128) -> dict[str, torch.Tensor]:
@@ -101,12 +103,22 @@ CASES = [
     Case("olmo-tied", "olmo", {"tie_word_embeddings": True}, lands_in=("llama", "LlamaForCausalLM"), bf16=False),
     Case("olmo-clip_qkv-tied", "olmo", {"clip_qkv": 0.5}, bf16=False),
 ]
-BY_ID = {case.id: case for case in CASES}
+# encoders and vision models (docs/families.md): no generation; every output compared
+ENCODER_CASES = [
+    Case("vit", "vit", auto_class="ViTForImageClassification"),
+    Case("vit-model", "vit", auto_class="ViTModel"),
+    Case("dinov2", "dinov2"),  # LayerScale λ far from 1
+    # the tied head reads the head's own norm (an inner norm); token dropout
+    Case("esm-rotary", "esm", inner_norms={"LayerNorm": 1}),
+    Case("esm-absolute-untied", "esm", {"position_embedding_type": "absolute", "tie_word_embeddings": False}, inner_norms={"LayerNorm": 1}, bf16=False),
+    Case("clip_text", "clip_text_model"),
+]
+BY_ID = {case.id: case for case in CASES + ENCODER_CASES}
 TARGETS = {"rmsnorm": (), "fold-affine": ("--fold-affine",), "crmsnorm": ("--target", "crmsnorm")}
 
 
 def _build(case: Case, folder: Path, dtype: torch.dtype = torch.float32) -> None:
-    build_checkpoint(folder, case.model_type, seed=sum(map(ord, case.id)), overrides=case.overrides, dtype=dtype)
+    build_checkpoint(folder, case.model_type, seed=sum(map(ord, case.id)), overrides=case.overrides, dtype=dtype, auto_class=case.auto_class)
     if case.hub_layout is not None:
         rename_prefix(folder, *case.hub_layout)
 
@@ -178,7 +190,7 @@ def test_streamed_verification_says_what_the_in_memory_one_says(converted, case,
         assert report[key] == pytest.approx(in_memory[key], rel=1e-5), key
 
 
-BF16_CASES = [case for case in CASES if case.bf16]
+BF16_CASES = [case for case in CASES + ENCODER_CASES if case.bf16]
 
 
 @pytest.mark.parametrize("case", BF16_CASES, ids=[case.id for case in BF16_CASES])
@@ -195,9 +207,100 @@ def test_a_bf16_source_passes_the_default_bf16_gate(case, tmp_path):
 def test_families_and_inspect_list_every_case(source):
     result = run_cli("families", "--json")
     assert result.exit_code == 0, result.stderr
-    listed = {model_type for row in json.loads(result.stdout)["families"] for model_type in row["model_types"]}
-    assert {case.model_type for case in CASES} <= listed
-    for case in CASES:
+    rows = json.loads(result.stdout)["families"]
+    listed = {model_type for row in rows for model_type in row["model_types"]}
+    assert {case.model_type for case in CASES + ENCODER_CASES} <= listed
+    for case in CASES + ENCODER_CASES:
         shown = run_cli("inspect", source(case.id), "--json")
         assert shown.exit_code == 0, (case.id, shown.stderr)
-        assert json.loads(shown.stdout)["family"] == case.model_type
+        assert json.loads(shown.stdout)["family"] in {row["family"] for row in rows if case.model_type in row["model_types"]}
+
+
+# -- encoders and vision models ----------------------------------------------------------------
+
+
+def _encoder_inputs(model) -> list[dict]:
+    """Batches each family's models take, covering the paths that touch the stream: pixel values at
+    the trained size and (ViT, DINOv2) at another size, positions interpolated; DINOv2's mask token;
+    token ids with padding and, for ESM, <mask> tokens (token dropout)."""
+    config = model.config
+    generator = torch.Generator().manual_seed(11)
+    if hasattr(config, "image_size"):
+        batches = [{"pixel_values": torch.randn((2, 3, 16, 16), generator=generator)}]
+        larger = {"pixel_values": torch.randn((1, 3, 24, 24), generator=generator)}
+        if config.model_type == "vit":
+            larger["interpolate_pos_encoding"] = True
+        else:
+            batches.append({**batches[0], "bool_masked_pos": torch.rand((2, 16), generator=generator) < 0.3})
+        return batches + [larger]
+    ids = torch.randint(2, config.vocab_size, (2, 12), generator=generator)
+    mask = torch.ones_like(ids)
+    ids[1, 9:], mask[1, 9:] = 1, 0  # padding
+    if config.model_type == "esm":
+        ids[0, 3] = ids[1, 5] = config.mask_token_id
+    return [{"input_ids": ids, "attention_mask": mask}]
+
+
+def _assert_encoder_equivalent(src: Path, out: Path, remote: bool):
+    config = json.loads((out / "config.json").read_text())
+    architecture = json.loads((src / "config.json").read_text())["architectures"][0]
+    original = load_class(src, architecture, remote=False)
+    auto = next((name for name in config.get("auto_map", {}) if name != "AutoConfig"), None)
+    converted = load_class(out, auto if remote else architecture, remote=remote)
+    for inputs in _encoder_inputs(original):
+        assert_outputs_match(original, converted, inputs)
+    return original, converted
+
+
+@pytest.mark.parametrize("target", list(TARGETS))
+@pytest.mark.parametrize("case", ENCODER_CASES, ids=[case.id for case in ENCODER_CASES])
+def test_encoders_and_vision_models_are_equivalent_on_every_target(converted, case, target, tmp_path):
+    src, out = converted(case.id, TARGETS[target])
+    original, model = _assert_encoder_equivalent(src, out, remote=True)
+    expected = {"crmsnorm": {"PrenormCRMSNorm", "PrenormCRMSNormOutput"}}.get(target, {"PrenormRMSNorm"})
+    stream_norms = Counter(type(m).__name__ for m in model.modules() if "Norm" in type(m).__name__) - Counter(case.inner_norms)
+    assert set(stream_norms) <= expected and "LayerNorm" not in stream_norms, dict(stream_norms)
+    report = json.loads((out / "conversion_report.json").read_text())
+    assert report["passed"] and report["residual_mean_max"] < 1e-5 and report["greedy_match"]["identical"] is None
+    assert report["first_bad_layer"] is None and len(report["per_layer"]) == 2, "every layer audited, none off"
+    # save_pretrained round trip: the converted class saves and reloads as itself
+    model.save_pretrained(tmp_path / "saved")
+    auto = next(name for name in json.loads((out / "config.json").read_text())["auto_map"] if name != "AutoConfig")
+    reloaded = load_class(tmp_path / "saved", auto, remote=True)
+    for inputs in _encoder_inputs(original):
+        assert_outputs_match(original, reloaded, inputs)
+
+
+@pytest.mark.parametrize("case", ENCODER_CASES, ids=[case.id for case in ENCODER_CASES])
+def test_encoders_default_target_loads_as_the_stock_class(converted, case):
+    src, out = converted(case.id, TARGETS["rmsnorm"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == case.model_type, "the default target keeps the stock model_type"
+    original, model = _assert_encoder_equivalent(src, out, remote=False)
+    assert type(model).__name__ == type(original).__name__ and norm_types(model) == norm_types(original)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "overrides", "reason"),
+    [
+        ("esm", {"emb_layer_norm_before": True}, "emb_layer_norm_before=true"),
+        ("dinov2", {"use_swiglu_ffn": True}, "use_swiglu_ffn=true"),
+    ],
+)
+def test_refused_encoder_variants_say_why_and_write_nothing(tmp_path, model_type, overrides, reason):
+    src = tmp_path / "src"
+    build_checkpoint(src, model_type, overrides=overrides)
+    result = run_cli("convert", src, tmp_path / "out", "--quiet")
+    assert result.exit_code == 2, result.stderr
+    assert reason in result.stderr and "cannot convert" in result.stderr
+    assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_bench_and_prompts_say_what_encoders_do_not_take(converted, tmp_path):
+    src, out = converted("vit", TARGETS["rmsnorm"])
+    result = run_cli("bench", src, out, "--quiet")
+    assert result.exit_code == 2 and "not benchmarked yet" in result.stderr and "verify" in result.stderr
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat\n")
+    result = run_cli("verify", src, out, "--prompts", prompts, "--quiet")
+    assert result.exit_code == 2 and "--prompts gives text" in result.stderr

@@ -1,0 +1,76 @@
+"""What a family's models take and give: the Auto class a folder loads with, its inputs (token ids,
+or pixel values for vision models) and the output a verification compares (the logits, or the last
+hidden state of a model without a head), whatever the family (docs/report.md "Encoders and vision
+models")."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .streaming import input_device
+
+CAUSAL = "AutoModelForCausalLM"
+RANDOM_IMAGES = 4
+
+
+def folder_loader(path: str | Path):
+    """The class a checkpoint folder loads with: for a converted folder the Auto class its auto_map
+    names, for an original the class its family's spec builds (meta_model.model_class)."""
+    import transformers
+
+    config = json.loads((Path(path) / "config.json").read_text())
+    if "prenorm" in config:
+        return getattr(transformers, next((name for name in config.get("auto_map", {}) if name != "AutoConfig"), CAUSAL))
+    from .meta_model import model_class
+    from .spec_loader import match_spec
+
+    return model_class(config, match_spec(config))
+
+
+def model_output(model, inputs: torch.Tensor) -> torch.Tensor:
+    """The compared output for a batch [batch, positions, features]: token ids (integers) go in as
+    input_ids and pixel values (floating point, cast to the model's dtype) as pixel_values; the
+    logits come out, or the last hidden state when the model has no head. An output with no
+    positions axis (an image classifier's logits) gets one position."""
+    device = input_device(model)
+    if inputs.is_floating_point():
+        output = model(pixel_values=inputs.to(device, model.dtype))
+    else:
+        output = model(input_ids=inputs.to(device))
+    value = getattr(output, "logits", None)
+    if value is None:
+        value = output.last_hidden_state
+    return value if value.dim() == 3 else value[:, None, :]
+
+
+def image_inputs(original: str | Path, config) -> list[torch.Tensor]:
+    """Seeded random pixel values [channels, height, width] of the size the checkpoint's image
+    processor crops to (preprocessor_config.json), or the model's image_size without one."""
+    height = width = _processor_size(Path(original))
+    if height is None:
+        size = config.image_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randn((config.num_channels, height, width), generator=generator) for _ in range(RANDOM_IMAGES)]
+
+
+def _processor_size(folder: Path) -> int | None:
+    path = folder / "preprocessor_config.json"
+    if not path.is_file():
+        return None
+    try:
+        processor = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    for key in ("crop_size", "size"):
+        size = processor.get(key)
+        if isinstance(size, int):
+            return size
+        if isinstance(size, dict) and isinstance(size.get("height"), int):
+            return size["height"]
+        if isinstance(size, dict) and isinstance(size.get("shortest_edge"), int):
+            return size["shortest_edge"]
+    return None
