@@ -84,6 +84,8 @@ def converted_config(source: SourceCheckpoint, plan: ConversionPlan, source_name
         "untied_head": plan.untied_head,
         # embeddings whose rows the converted model centres at lookup (a table kept tied to the head)
         "centered_at_lookup": plan.centered_at_lookup,
+        # modules whose input stream the converted model centres (a stream no weight can centre)
+        "stream_entries": plan.stream_entries,
         # embeddings and writers whose outputs are centred while the model trains (docs/training.md)
         "train_centered": plan.train_centered,
         "train_centered_parameters": plan.train_centered_parameters,

@@ -57,6 +57,8 @@ SHAPES = {
     "clip_text_model": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128, "max_position_embeddings": 64, "projection_dim": 32},
     "vit": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128, "image_size": 16, "patch_size": 4, "num_labels": 7},
     "dinov2": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "mlp_ratio": 2, "image_size": 16, "patch_size": 4},
+    "whisper": {"d_model": 64, "encoder_layers": 2, "decoder_layers": 3, "encoder_attention_heads": 4, "decoder_attention_heads": 4,
+                "encoder_ffn_dim": 128, "decoder_ffn_dim": 128, "num_mel_bins": 8, "max_source_positions": 16, "max_target_positions": 64},
 }
 IMAGE_FAMILIES = ("vit", "dinov2")
 
@@ -132,6 +134,8 @@ def build_checkpoint(
         settings.update({"vocab_size": vocab_size, "tie_word_embeddings": tie_word_embeddings, **special})
         if family == "esm":  # ESM's token dropout rescales by the share of <mask> tokens in a sequence
             settings["mask_token_id"] = vocab_size - 1
+        if family == "whisper":  # its default special ids are beyond a tiny vocabulary
+            settings.update(pad_token_id=special.get("eos_token_id", 0), decoder_start_token_id=special.get("bos_token_id", 0))
     config = transformers.AutoConfig.for_model(family, **{**settings, **(overrides or {})})
     torch.manual_seed(seed)
     loader = getattr(transformers, auto_class or _spec_auto_class(family))

@@ -54,14 +54,21 @@ class LayerAudit:
     maxima: dict[str, _Maxima] = field(default_factory=dict)
 
     @classmethod
-    def for_spec(cls, spec: FamilySpec, num_layers: int, block: dict) -> "LayerAudit | None":
-        template = layer_template(spec)
-        if template is None:
+    def for_spec(cls, spec: FamilySpec, config, block: dict) -> "LayerAudit | None":
+        """The audit of every stream's layers (an encoder's, then the decoder's: one numbering), from
+        the spec resolved on the model's config."""
+        layers, writers = [], []
+        for view in spec.views():
+            view = view.resolve(config)
+            template = layer_template(view)
+            if template is None:
+                continue
+            num_layers = view.num_layers(config.to_dict())
+            layers += expand(template, num_layers)
+            writers += [[w.replace(LAYER, str(i)) for w in view.writers if LAYER in w] for i in range(num_layers)]
+        if not layers:
             return None
-        layers = expand(template, num_layers)
-        writers = [[w.replace(LAYER, str(i)) for w in spec.writers if LAYER in w] for i in range(num_layers)]
-        crmsnorm = block["target"] == "crmsnorm"
-        return cls(layers, writers, block["residual_width"], crmsnorm)
+        return cls(layers, writers, block["residual_width"], block["target"] == "crmsnorm")
 
     def paths(self) -> list[str]:
         return self.layers + [w for group in self.writers for w in group]

@@ -57,15 +57,19 @@ def swaps_block(plan) -> dict:
         "biased": plan.biased,
         "removed": plan.removed,
         "resized": plan.resized,
+        "stream_entries": plan.stream_entries,
     }
 
 
 def fake_inputs(model: nn.Module, spec) -> dict:
     """A batch of one, on the meta device, of what the family's models take."""
+    config = model.config
     if spec.inputs == "image":
-        config = model.config
         size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
         return {"pixel_values": torch.zeros((1, config.num_channels, size, size), device="meta")}
+    if spec.inputs == "audio":
+        features = torch.zeros((1, config.num_mel_bins, 2 * config.max_source_positions), device="meta")
+        return {"input_features": features, "decoder_input_ids": torch.zeros((1, 3), dtype=torch.long, device="meta")}
     inputs = {"input_ids": torch.zeros((1, 3), dtype=torch.long, device="meta")}
     return {**inputs, "use_cache": False} if spec.causal else inputs
 

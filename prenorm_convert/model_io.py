@@ -32,11 +32,14 @@ def folder_loader(path: str | Path):
 
 def model_output(model, inputs: torch.Tensor) -> torch.Tensor:
     """The compared output for a batch [batch, positions, features]: token ids (integers) go in as
-    input_ids and pixel values (floating point, cast to the model's dtype) as pixel_values; the
+    input_ids, pixel values (floating point, cast to the model's dtype) as pixel_values, and a dict
+    (an encoder-decoder's audio features and decoder token ids) as keywords; the
     logits come out, or the last hidden state when the model has no head. An output with no
     positions axis (an image classifier's logits) gets one position."""
     device = input_device(model)
-    if inputs.is_floating_point():
+    if isinstance(inputs, dict):  # an encoder-decoder: audio features and the decoder's token ids
+        output = model(**{key: value.to(device, model.dtype if value.is_floating_point() else None) for key, value in inputs.items()})
+    elif inputs.is_floating_point():
         output = model(pixel_values=inputs.to(device, model.dtype))
     else:
         output = model(input_ids=inputs.to(device))
@@ -55,6 +58,18 @@ def image_inputs(original: str | Path, config) -> list[torch.Tensor]:
         height, width = (size, size) if isinstance(size, int) else tuple(size)
     generator = torch.Generator().manual_seed(0)
     return [torch.randn((config.num_channels, height, width), generator=generator) for _ in range(RANDOM_IMAGES)]
+
+
+def audio_inputs(config, prompts: list[torch.Tensor]) -> list[dict]:
+    """One input per prompt: seeded random log-mel features [mel bins, frames] of the length the
+    encoder takes (2 × max_source_positions), and the prompt as the decoder's token ids, cut to its
+    positions."""
+    generator = torch.Generator().manual_seed(0)
+    frames, limit = 2 * config.max_source_positions, config.max_target_positions
+    return [
+        {"input_features": torch.randn((config.num_mel_bins, frames), generator=generator), "decoder_input_ids": ids[:limit]}
+        for ids in prompts
+    ]
 
 
 def _processor_size(folder: Path) -> int | None:

@@ -251,6 +251,29 @@ class _CenterAtLookup:
         return center_rows_hook(module, args, output)
 
 
+class _CenterAtEntry:
+    """Forward pre-hook of the first layer of a stream whose start no stored weight can centre
+    (Whisper's encoder: GELU(conv) + positions): the stream entering it, centred over its d features
+    (docs/math.md "Streams centred at entry"); for crmsnorm also compressed to its first d-1 features,
+    zero-padded to the stored stream width."""
+
+    def __init__(self, block: dict):
+        self.compress = block["target"] == "crmsnorm"
+        self.residual_width, self.stream_width = block["residual_width"], block.get("stream_width") or block["residual_width"]
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
+        stream = args[0] if args else kwargs["hidden_states"]
+        # the mean in float64: an error e in it would come back d times over in crmsnorm's implied
+        # last feature, -Σ x̃ (docs/math.md "Streams centred at entry"); one rounding to the stream's dtype
+        work = stream.to(torch.float64)
+        centred = (work - work.mean(-1, keepdim=True)).to(stream.dtype)
+        if self.compress:
+            centred = nn.functional.pad(centred[..., : self.residual_width], (0, self.stream_width - self.residual_width))
+        if args:
+            return (centred,) + tuple(args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": centred}
+
+
 def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, name = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
@@ -277,6 +300,8 @@ def apply_prenorm_swaps(model: nn.Module, block: dict) -> None:
         _set_submodule(model, path, nn.Identity())
     for path in block.get("centered_at_lookup", []):
         model.get_submodule(path).register_forward_hook(_CenterAtLookup(model))
+    for path in block.get("stream_entries", []):
+        model.get_submodule(path).register_forward_pre_hook(_CenterAtEntry(block), with_kwargs=True)
     for path in block.get("train_centered", []):
         _install_training_centering(model, path)
     if block.get("train_centered"):

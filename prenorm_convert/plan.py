@@ -13,14 +13,14 @@ import torch
 
 from .checkpoint import SourceCheckpoint
 from .dtype_checks import check_float_dtypes, check_not_quantized, quantized_hint
-from .key_names import stored_key_renamer
+from .key_names import stored_key_mapper
 from .errors import BadInputError, CorruptCheckpointError, SpecError, UnsupportedModelError
 from .meta_model import build_meta_model, check_resized_forward
 from .row_blocks import DEFAULT_BLOCK_BYTES
 from .safetensors_io import DTYPES, element_size
 from .plan_data import ConversionPlan, TensorOp, numel
 from .spec import FamilySpec, Landing, all_hold, expand, expand_group
-from .structure import check_structure, module_at
+from .structure import check_streams, module_at
 from .transform import output_shape
 
 TARGETS = ("rmsnorm", "crmsnorm")
@@ -51,10 +51,12 @@ class _Planner:
         self.model = model
         # sizes and spec conditions read the parsed config: defaults filled in, legacy names
         # (e.g. BLOOM's n_embed) mapped by transformers
-        self.spec = spec = spec.resolve(model.config)
+        self.views = [view.resolve(model.config) for view in spec.views()]  # one per residual stream
+        self.spec = spec = self.views[0]
         self.settings = settings = model.config.to_dict()
         self.d = spec.hidden_size(settings)
         self.L = spec.num_layers(settings)
+        self.most_layers = max(view.num_layers(settings) for view in self.views)
         # crmsnorm: d-1 features, stored zero-padded to a multiple of --pad-to if asked
         self.stream_width = -(-(self.d - 1) // (pad_to or 1)) * (pad_to or 1)
         if pad_to is not None and pad_to > self.d:
@@ -62,7 +64,7 @@ class _Planner:
                 f"--pad-to {pad_to} is larger than the hidden size {self.d}: the {self.d - 1} features would be stored "
                 f"{self.stream_width} wide, wider than the original stream; pick a multiple of at most {self.d}, such as 8 or 64"
             )
-        check_structure(model, spec, self.d, self.L)
+        check_streams(model, [(view, self.d, view.num_layers(settings)) for view in self.views])
         self.params = dict(model.named_parameters(remove_duplicate=False))
         # persistent buffers a checkpoint may store (ESM's rotary inv_freq): copied when stored, never required
         self.buffers = {name: b for name, b in model.named_buffers() if name in set(model.state_dict()) and name not in self.params}
@@ -80,15 +82,20 @@ class _Planner:
     def _map_stored_keys(self) -> dict[str, str]:
         """canonical parameter name -> stored key; reject anything the spec cannot place."""
         known = set(self.params) | set(self.buffers)
-        ignored = {name for pattern in self.spec.ignore for name in expand(pattern, self.L)}
+        ignored = {name for pattern in self.spec.ignore for name in expand(pattern, self.most_layers)}
         mapping, unknown = {}, []
-        rename = stored_key_renamer(self.model)
-        for stored in self.source.tensors:
+        names_of = stored_key_mapper(self.model)
+        for stored in list(self.source.tensors):
             if stored in ignored:
                 continue
             canonical = self.spec.canonical_key(stored, known | ignored)
             if canonical not in known | ignored:
-                canonical = self.spec.canonical_key(rename(stored), known | ignored)
+                names = names_of(stored)
+                if len(names) > 1:  # split into row blocks at load: each block is a tensor of its own
+                    stored_blocks = self._row_blocks(stored, names)
+                    mapping.update({name: block for name, block in zip(names, stored_blocks) if name in known})
+                    continue
+                canonical = self.spec.canonical_key(names[0], known | ignored)
             if canonical in known:
                 mapping[canonical] = stored
             elif canonical not in ignored:
@@ -100,6 +107,26 @@ class _Planner:
                 f"{self.spec.family} model built from its config.json does not have; config and weights disagree{hint}"
             )
         return mapping
+
+    def _row_blocks(self, stored: str, names: list[str]) -> list[str]:
+        """A stored tensor that transformers splits into equal row blocks at load, as one stored
+        tensor per block (each a contiguous byte range of the file), registered under the block's
+        own key; every later step reads them like any other stored tensor."""
+        info = self.source.tensors[stored]
+        count = len(names)
+        if not info.offset or info.shape[0] % count:
+            raise UnsupportedModelError(
+                f"'{stored}' is split into {count} row blocks when transformers loads it; that needs it stored in a "
+                f"safetensors file with a first dimension divisible by {count}, and it is not"
+            )
+        rows, size = info.shape[0] // count, info.nbytes // count
+        keys = []
+        for index, name in enumerate(names):
+            key = f"{stored}[{index}/{count}]"
+            self.source.tensors[key] = replace(info, name=key, shape=(rows, *info.shape[1:]), offset=info.offset + index * size, nbytes=size)
+            keys.append(key)
+        del self.source.tensors[stored]
+        return keys
 
     def _check_shapes(self) -> None:
         """Every stored tensor has the shape the model built from config.json gives its parameter."""
@@ -148,10 +175,13 @@ class _Planner:
 
     def plan(self) -> ConversionPlan:
         tied, head_stored_apart, self.tie_kept = self._head_tie()
-        self._plan_embeddings()
-        self._plan_stream_parameters()
-        self._plan_writers()
-        self._plan_norms(tied)
+        for view in self.views:  # each residual stream with its own roles and layer count
+            self.spec, self.L = view, view.num_layers(self.settings)
+            self._plan_embeddings()
+            self._plan_stream_parameters()
+            self._plan_writers()
+            self._plan_norms(tied)
+        self.spec, self.L = self.views[0], self.views[0].num_layers(self.settings)
         self._plan_head_outside_the_stream(tied)
         landing = self._plan_landing()
         self._plan_the_rest()
@@ -331,6 +361,7 @@ class _Planner:
             pad_to=self.pad_to,
             stream_width=self.stream_width if self.target == "crmsnorm" else self.d,
             landing=landing,
+            stream_entries=[view.entry.module for view in self.views if view.entry is not None],
         )
         if resized:
             check_resized_forward(self.model, plan)

@@ -59,6 +59,9 @@ class ConversionPlan:
     # embeddings stored as they are (a table tied to the head), whose rows the converted model
     # centres at lookup (modeling.py); the stock class's LayerNorms need no centring
     centered_at_lookup: list[str] = field(default_factory=list)
+    # modules whose input stream the converted model centres (docs/math.md "Streams centred at
+    # entry"); the stock class's LayerNorms need no centring
+    stream_entries: list[str] = field(default_factory=list)
 
     @property
     def residual_width(self) -> int:

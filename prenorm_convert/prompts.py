@@ -96,12 +96,20 @@ def batched(prompts: list[torch.Tensor], sizes: list[int]) -> list[tuple[torch.T
     batches, start = [], 0
     for size in sizes:
         group, start = prompts[start : start + size], start + size
+        if isinstance(group[0], dict):  # audio features (one size) and right-padded decoder ids
+            ids, lengths = _right_padded([prompt["decoder_input_ids"] for prompt in group])
+            batches.append(({"input_features": torch.stack([p["input_features"] for p in group]), "decoder_input_ids": ids}, lengths))
+            continue
         if group[0].is_floating_point():  # images: all of one size, every output position compared
             batches.append((torch.stack(group), [None] * len(group)))
             continue
-        lengths = [ids.numel() for ids in group]
-        ids = torch.zeros(len(group), max(lengths), dtype=torch.long)
-        for row, prompt in enumerate(group):
-            ids[row, : prompt.numel()] = prompt
-        batches.append((ids, lengths))
+        batches.append(_right_padded(group))
     return batches
+
+
+def _right_padded(group: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+    lengths = [ids.numel() for ids in group]
+    ids = torch.zeros(len(group), max(lengths), dtype=torch.long)
+    for row, prompt in enumerate(group):
+        ids[row, : prompt.numel()] = prompt
+    return ids, lengths

@@ -102,6 +102,33 @@ class LayerScale:
 
     scale: str  # the parameter path, '{L}' for every layer
     writer: str
+    when: tuple[Condition, ...] = ()
+
+
+@dataclass(frozen=True)
+class StreamEntry:
+    """Where a stream whose start no stored weight can centre enters its first layer (Whisper's
+    encoder: GELU(conv) + positions): the converted model centres the stream there, once (docs/math.md
+    "Streams centred at entry"). ``fed_by``: the d-wide modules that build that start, left as they are."""
+
+    module: str
+    fed_by: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ExtraStream:
+    """A second residual stream of the same width (an encoder's, beside the decoder's that the head
+    reads): its own embeddings, norms and writers, its own number of layers (the config key
+    ``num_layers``), and where it enters its layers, if it must be centred there."""
+
+    name: str
+    num_layers: str
+    embeddings: tuple["Entry", ...] = ()
+    stream_parameters: tuple["Entry", ...] = ()
+    norms: tuple["NormGroup", ...] = ()
+    writers: tuple["Entry", ...] = ()
+    layer_scales: tuple["LayerScale", ...] = ()
+    entry: StreamEntry | None = None
 
 
 @dataclass(frozen=True)
@@ -184,6 +211,9 @@ class FamilySpec:
     # parameters (not modules) whose last axis is the stream: ViT's cls_token and position_embeddings
     stream_parameters: tuple[Entry, ...] = ()
     layer_scales: tuple[LayerScale, ...] = ()
+    entry: StreamEntry | None = None
+    streams: tuple[ExtraStream, ...] = ()
+    stream_name: str = "main"
     source_file: str = field(default="", compare=False)
     # after resolve(): role -> the templates switched off by the config (check_structure: such a
     # module is absent, active in another role, or off the residual stream)
@@ -211,6 +241,7 @@ class FamilySpec:
             writers=active(self.writers),
             inner_norms=active(self.inner_norms),
             stream_parameters=active(self.stream_parameters),
+            layer_scales=tuple(scale for scale in self.layer_scales if all_hold(scale.when, config)),
             norms=tuple(NormGroup(group.norm, active(group.readers), output=group.output) for group in groups),
             switched_off={
                 "embedding": off(self.embeddings),
@@ -223,6 +254,30 @@ class FamilySpec:
                 ),
             },
         )
+
+    def views(self) -> list["FamilySpec"]:
+        """One spec per residual stream: this one (the stream the head reads), then each extra
+        stream as a spec of its own roles, sharing the family's head, norm class and layout."""
+        views = [replace(self, streams=())]
+        for stream in self.streams:
+            views.append(
+                replace(
+                    self,
+                    streams=(),
+                    stream_name=stream.name,
+                    config_keys={**self.config_keys, "num_layers": stream.num_layers},
+                    embeddings=stream.embeddings,
+                    stream_parameters=stream.stream_parameters,
+                    norms=stream.norms,
+                    writers=stream.writers,
+                    layer_scales=stream.layer_scales,
+                    entry=stream.entry,
+                    stem_norms=(),
+                    inner_norms=(),
+                    lands_in=None,
+                )
+            )
+        return views
 
     def refusal_for(self, config: Any) -> Refusal | None:
         """The first refuse rule whose conditions all hold on the config object, if any."""

@@ -17,9 +17,11 @@ from .spec import (
     Condition,
     Conditional,
     Entry,
+    ExtraStream,
     FamilySpec,
     Landing,
     LayerScale,
+    StreamEntry,
     NormGroup,
     NormModule,
     Refusal,
@@ -52,8 +54,10 @@ _OPTIONAL_SPEC_KEYS = {
     "inputs": str,
     "stream_parameters": list,
     "layer_scales": list,
+    "entry": dict,
+    "streams": list,
 }
-INPUT_KINDS = ("text", "image")
+INPUT_KINDS = ("text", "image", "audio")
 
 
 def _parse_landing(where: str, data: Any) -> Landing | None:
@@ -135,6 +139,51 @@ def _parse_entries(where: str, entries: list) -> tuple[Entry, ...]:
     return tuple(parsed)
 
 
+def _parse_norm_groups(where: str, groups: list) -> tuple[NormGroup, ...]:
+    norms = []
+    for i, group in enumerate(groups):
+        _require_keys(f"{where}[{i}]", group, {"norm": str, "readers": list}, {"when": (dict, list), "output": bool})
+        readers = _parse_entries(f"{where}[{i}].readers", group["readers"])
+        if LAYER not in group["norm"] and any(LAYER in entry_module(reader) for reader in readers):
+            raise SpecError(f"{where}[{i}]: readers use '{LAYER}' but the norm '{group['norm']}' does not")
+        when = _parse_when(f"{where}[{i}].when", group["when"]) if "when" in group else ()
+        norms.append(NormGroup(group["norm"], readers, when, output=group.get("output", False)))
+    return tuple(norms)
+
+
+def _parse_layer_scales(where: str, items: list) -> tuple[LayerScale, ...]:
+    scales = []
+    for i, scale in enumerate(items):
+        _require_keys(f"{where}[{i}]", scale, {"scale": str, "writer": str}, {"when": (dict, list)})
+        when = _parse_when(f"{where}[{i}].when", scale["when"]) if "when" in scale else ()
+        scales.append(LayerScale(scale["scale"], scale["writer"], when))
+    return tuple(scales)
+
+
+def _parse_entry(where: str, data: Any) -> StreamEntry | None:
+    if data is None:
+        return None
+    _require_keys(where, data, {"module": str}, {"fed_by": list})
+    return StreamEntry(data["module"], tuple(data.get("fed_by", [])))
+
+
+def _parse_stream(where: str, data: Any) -> ExtraStream:
+    """An extra residual stream: ``{name, num_layers, embeddings, stream_parameters, norms, writers,
+    layer_scales, entry}`` (num_layers names the config key holding its layer count)."""
+    optional = {"embeddings": list, "stream_parameters": list, "writers": list, "layer_scales": list, "entry": dict}
+    _require_keys(where, data, {"name": str, "num_layers": str, "norms": list}, optional)
+    return ExtraStream(
+        name=data["name"],
+        num_layers=data["num_layers"],
+        embeddings=_parse_entries(f"{where}.embeddings", data.get("embeddings", [])),
+        stream_parameters=_parse_entries(f"{where}.stream_parameters", data.get("stream_parameters", [])),
+        norms=_parse_norm_groups(f"{where}.norms", data["norms"]),
+        writers=_parse_entries(f"{where}.writers", data.get("writers", [])),
+        layer_scales=_parse_layer_scales(f"{where}.layer_scales", data.get("layer_scales", [])),
+        entry=_parse_entry(f"{where}.entry", data.get("entry")),
+    )
+
+
 def parse_spec(data: Any, source_file: str) -> FamilySpec:
     _require_keys(source_file, data, _SPEC_KEYS, _OPTIONAL_SPEC_KEYS)
     config_keys = data["config_keys"]
@@ -142,14 +191,7 @@ def parse_spec(data: Any, source_file: str) -> FamilySpec:
         raise SpecError(f"{source_file}: config_keys must name exactly {sorted(_CONFIG_ROLES)}, got {sorted(config_keys)}")
     if data["layout"] not in LAYOUTS:
         raise SpecError(f"{source_file}: layout must be one of {LAYOUTS}, got '{data['layout']}'")
-    norms = []
-    for i, group in enumerate(data["norms"]):
-        _require_keys(f"{source_file}: norms[{i}]", group, {"norm": str, "readers": list}, {"when": (dict, list), "output": bool})
-        readers = _parse_entries(f"{source_file}: norms[{i}].readers", group["readers"])
-        if LAYER not in group["norm"] and any(LAYER in entry_module(reader) for reader in readers):
-            raise SpecError(f"{source_file}: norms[{i}]: readers use '{LAYER}' but the norm '{group['norm']}' does not")
-        when = _parse_when(f"{source_file}: norms[{i}].when", group["when"]) if "when" in group else ()
-        norms.append(NormGroup(group["norm"], readers, when, output=group.get("output", False)))
+    norms = _parse_norm_groups(f"{source_file}: norms", data["norms"])
     stems = []
     for i, stem in enumerate(data["stem_norms"]):
         _require_keys(f"{source_file}: stem_norms[{i}]", stem, {"norm": str, "embedding": str, "hook": str})
@@ -168,10 +210,7 @@ def parse_spec(data: Any, source_file: str) -> FamilySpec:
         raise SpecError(f"{source_file}: inputs must be one of {INPUT_KINDS}, got '{data['inputs']}'")
     if not data.get("auto_class", "Auto").startswith("Auto"):
         raise SpecError(f"{source_file}: auto_class must name a transformers Auto class (AutoModel, ...), got '{data['auto_class']}'")
-    scales = []
-    for i, scale in enumerate(data.get("layer_scales", [])):
-        _require_keys(f"{source_file}: layer_scales[{i}]", scale, {"scale": str, "writer": str})
-        scales.append(LayerScale(scale["scale"], scale["writer"]))
+    scales = _parse_layer_scales(f"{source_file}: layer_scales", data.get("layer_scales", []))
     head = data["head"]
     _require_keys(f"{source_file}: head", head, {"module": (str, type(None))}, {"tied_to": str})
     aliases = []
@@ -201,7 +240,9 @@ def parse_spec(data: Any, source_file: str) -> FamilySpec:
         auto_class=data.get("auto_class", "AutoModelForCausalLM"),
         inputs=data.get("inputs", "text"),
         stream_parameters=_parse_entries(f"{source_file}: stream_parameters", data.get("stream_parameters", [])),
-        layer_scales=tuple(scales),
+        layer_scales=scales,
+        entry=_parse_entry(f"{source_file}: entry", data.get("entry")),
+        streams=tuple(_parse_stream(f"{source_file}: streams[{i}]", stream) for i, stream in enumerate(data.get("streams", []))),
         source_file=source_file,
     )
 

@@ -90,10 +90,23 @@ def _touches_stream(module: nn.Module, role: str, spec: FamilySpec, path: str, d
     return dims is not None and (dims[0] if role == "reader" else dims[1]) == d
 
 
-def check_structure(model: nn.Module, spec: FamilySpec, d: int, num_layers: int) -> None:
-    """``spec`` (resolved for this model's config) describes ``model`` exactly; raise otherwise."""
+def check_streams(model: nn.Module, views: list[tuple[FamilySpec, int, int]]) -> None:
+    """Every stream's spec (resolved, with its width and layer count) describes its part of ``model``
+    exactly, and together they declare every d-wide embedding, loose parameter and LayerNorm."""
+    declared = [check_structure(model, view, d, num_layers) for view, d, num_layers in views]
+    spec, d, _ = views[0]
+    union = {key: set().union(*(found[key] for found in declared)) for key in declared[0]}
+    _check_nothing_undeclared(model, spec, d, union["embeddings"], union["norms"], union["inner"])
+    _check_stray_parameters(model, spec, d, union["parameters"])
+
+
+def check_structure(model: nn.Module, spec: FamilySpec, d: int, num_layers: int) -> dict[str, set[str]]:
+    """``spec`` (resolved for this model's config) describes its stream of ``model``; returns what it
+    declares (check_streams checks that nothing is left undeclared)."""
     embeddings = {path for template in spec.embeddings for path in expand(template, num_layers)}
-    for path in sorted(embeddings):
+    if spec.entry is not None:  # the modules that build a stream centred at entry stay as they are
+        embeddings |= set(spec.entry.fed_by)
+    for path in sorted(embeddings - set(spec.entry.fed_by if spec.entry else ())):
         module = module_at(model, path, spec)
         if not isinstance(module, nn.Embedding) or module.embedding_dim != d:
             raise UnsupportedModelError(f"{spec.source_file}: '{path}' is not a {d}-wide embedding ({module})")
@@ -110,17 +123,17 @@ def check_structure(model: nn.Module, spec: FamilySpec, d: int, num_layers: int)
             raise UnsupportedModelError(f"{spec.source_file}: inner norm '{path}' holds no LayerNorm")
     active = {"embedding": embeddings, "norm": stream_norms, "reader": readers, "writer": writers, "inner norm": inner}
     _check_switched_off(model, spec, d, num_layers, set().union(*active.values()) | {spec.head})
-    _check_nothing_undeclared(model, spec, d, embeddings, stream_norms | inner, inner)
-    _check_stream_parameters(model, spec, d, num_layers, writers)
+    parameters = _check_stream_parameters(model, spec, d, num_layers, writers)
+    if spec.entry is not None:
+        module_at(model, spec.entry.module, spec)
+    return {"embeddings": embeddings, "norms": stream_norms | inner, "inner": inner, "parameters": parameters}
 
 
 _LEAF_MODULES = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def _check_stream_parameters(model: nn.Module, spec: FamilySpec, d: int, num_layers: int, writers: set[str]) -> None:
-    """Declared stream parameters and layer scales exist, d-wide on their last axis; every other
-    parameter held loose by a module (not a linear, conv, embedding or norm) that is d-wide on its
-    last axis is on the stream or scales it: it must be declared."""
+def _check_stream_parameters(model: nn.Module, spec: FamilySpec, d: int, num_layers: int, writers: set[str]) -> set[str]:
+    """Declared stream parameters and layer scales exist, d-wide on their last axis; returns them."""
     params = dict(model.named_parameters())
     declared = {path for template in spec.stream_parameters for path in expand(template, num_layers)}
     scales = dict(spec.layer_scale_pairs(num_layers))
@@ -138,6 +151,13 @@ def _check_stream_parameters(model: nn.Module, spec: FamilySpec, d: int, num_lay
                     f"the model has '{name}', which {spec.source_file} expects on the stream only under another config; "
                     "refusing to leave a part of the residual stream unconverted"
                 )
+    return declared | set(scales)
+
+
+def _check_stray_parameters(model: nn.Module, spec: FamilySpec, d: int, declared: set[str]) -> None:
+    """Every parameter held loose by a module (not a linear, conv, embedding or norm) that is d-wide
+    on its last axis is on the stream or scales it: it must be declared."""
+    params = dict(model.named_parameters())
     owners = dict(model.named_modules())
 
     def loose(name: str) -> bool:
@@ -146,7 +166,7 @@ def _check_stream_parameters(model: nn.Module, spec: FamilySpec, d: int, num_lay
 
     stray = [
         name for name, param in params.items()
-        if param.dim() >= 1 and param.shape[-1] == d and name not in declared and name not in scales and loose(name)
+        if param.dim() >= 1 and param.shape[-1] == d and name not in declared and loose(name)
     ]
     if stray:
         raise UnsupportedModelError(

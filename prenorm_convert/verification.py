@@ -42,7 +42,7 @@ from .progress import SILENT, Reporter
 from .prompts import batched, build_prompts, fit_positions, read_prompt_lines
 from .rounded_weights import rounded_weights_error
 from .memory_plan import STREAMED_GREEDY_PROMPTS, STREAMED_GREEDY_TOKENS, MemoryPlan, batch_sizes, plan_memory
-from .model_io import folder_loader, image_inputs
+from .model_io import audio_inputs, folder_loader, image_inputs
 from .streaming import Offload, SpilledOutputs
 from .tolerances import Tolerances, dtype_name
 
@@ -156,7 +156,7 @@ class _Session:
     def batch(self, prompts: list[torch.Tensor]) -> None:
         """One prompt at a time in memory (each as a user would run it); streamed, a batch reads every
         weight once, so as many as the memory plan allows (prompts.batched: why padding is exact)."""
-        self.batches = batched(prompts, batch_sizes([ids.numel() for ids in prompts], self.memory))
+        self.batches = batched(prompts, batch_sizes([_positions(prompt) for prompt in prompts], self.memory))
 
     @contextmanager
     def passes(self, description: str, models: list) -> Iterator[Callable[[], None]]:
@@ -178,6 +178,10 @@ class _Session:
     def logits(self, model, description: str) -> list[torch.Tensor]:
         with self.passes(description, [model]) as advance:
             return batch_logits(model, self.batches, advance)
+
+
+def _positions(prompt) -> int:
+    return prompt["decoder_input_ids"].numel() if isinstance(prompt, dict) else prompt.numel()
 
 
 def paired_logits(session: _Session, reference_model, candidate_model, audit: LayerAudit | None):
@@ -291,8 +295,7 @@ def _measure(session: _Session, spec, tolerances: Tolerances, dtype: torch.dtype
     params = {"params_original": param_count(reference_model), "params_converted": param_count(candidate_model)}
     prompts, greedy_prompts = _inputs(session.original, spec, reference_model, tolerances, prompt_lines)
     session.batch(prompts)
-    resolved = spec.resolve(reference_model.config)  # the roles of this config's modules
-    audit = LayerAudit.for_spec(resolved, resolved.num_layers(reference_model.config.to_dict()), candidate_model.config.prenorm)
+    audit = LayerAudit.for_spec(spec, reference_model.config, candidate_model.config.prenorm)
     session.layers = audit.layers if audit is not None else []
     with residual_mean_max(candidate_model) as residual_means:
         reference, candidate = paired_logits(session, reference_model, candidate_model, audit)
@@ -335,6 +338,8 @@ def _inputs(original: Path, spec, model, tolerances: Tolerances, prompt_lines) -
     embeddings = model.get_input_embeddings()
     greedy_tokens = tolerances.greedy_tokens if spec.causal else 0
     prompts, greedy_prompts = fit_positions(build_prompts(original, embeddings.num_embeddings, prompt_lines), model.config, greedy_tokens)
+    if spec.inputs == "audio":  # the prompts are what the decoder reads, beside random audio features
+        return audio_inputs(model.config, prompts), []
     return prompts, greedy_prompts if spec.causal else []
 
 

@@ -108,10 +108,14 @@ ENCODER_CASES = [
     Case("vit", "vit", auto_class="ViTForImageClassification"),
     Case("vit-model", "vit", auto_class="ViTModel"),
     Case("dinov2", "dinov2"),  # LayerScale λ far from 1
+    # the SwiGLU MLP's input projections stored as one weights_in, split by transformers at load
+    Case("dinov2-swiglu", "dinov2", {"use_swiglu_ffn": True}, bf16=False),
     # the tied head reads the head's own norm (an inner norm); token dropout
     Case("esm-rotary", "esm", inner_norms={"LayerNorm": 1}),
     Case("esm-absolute-untied", "esm", {"position_embedding_type": "absolute", "tie_word_embeddings": False}, inner_norms={"LayerNorm": 1}, bf16=False),
     Case("clip_text", "clip_text_model"),
+    # two streams: the encoder's, centred where it enters its first layer, and the decoder's
+    Case("whisper", "whisper"),
 ]
 BY_ID = {case.id: case for case in CASES + ENCODER_CASES}
 TARGETS = {"rmsnorm": (), "fold-affine": ("--fold-affine",), "crmsnorm": ("--target", "crmsnorm")}
@@ -238,6 +242,9 @@ def _encoder_inputs(model) -> list[dict]:
     ids[1, 9:], mask[1, 9:] = 1, 0  # padding
     if config.model_type == "esm":
         ids[0, 3] = ids[1, 5] = config.mask_token_id
+    if config.model_type == "whisper":
+        features = torch.randn((2, config.num_mel_bins, 2 * config.max_source_positions), generator=generator)
+        return [{"input_features": features, "decoder_input_ids": ids, "decoder_attention_mask": mask}]
     return [{"input_ids": ids, "attention_mask": mask}]
 
 
@@ -249,6 +256,10 @@ def _assert_encoder_equivalent(src: Path, out: Path, remote: bool):
     converted = load_class(out, auto if remote else architecture, remote=remote)
     for inputs in _encoder_inputs(original):
         assert_outputs_match(original, converted, inputs)
+    if original.config.is_encoder_decoder:  # the decoder generates: greedy tokens identical
+        features = _encoder_inputs(original)[0]["input_features"]
+        expected = original.generate(input_features=features, max_new_tokens=12, do_sample=False)
+        assert expected.shape[1] >= 12 and torch.equal(expected, converted.generate(input_features=features, max_new_tokens=12, do_sample=False))
     return original, converted
 
 
@@ -262,7 +273,8 @@ def test_encoders_and_vision_models_are_equivalent_on_every_target(converted, ca
     assert set(stream_norms) <= expected and "LayerNorm" not in stream_norms, dict(stream_norms)
     report = json.loads((out / "conversion_report.json").read_text())
     assert report["passed"] and report["residual_mean_max"] < 1e-5 and report["greedy_match"]["identical"] is None
-    assert report["first_bad_layer"] is None and len(report["per_layer"]) == 2, "every layer audited, none off"
+    layers = sum(getattr(original.config, key, 0) for key in ("encoder_layers", "decoder_layers")) or original.config.num_hidden_layers
+    assert report["first_bad_layer"] is None and len(report["per_layer"]) == layers, "every layer of every stream audited, none off"
     # save_pretrained round trip: the converted class saves and reloads as itself
     model.save_pretrained(tmp_path / "saved")
     auto = next(name for name in json.loads((out / "config.json").read_text())["auto_map"] if name != "AutoConfig")
@@ -284,7 +296,6 @@ def test_encoders_default_target_loads_as_the_stock_class(converted, case):
     ("model_type", "overrides", "reason"),
     [
         ("esm", {"emb_layer_norm_before": True}, "emb_layer_norm_before=true"),
-        ("dinov2", {"use_swiglu_ffn": True}, "use_swiglu_ffn=true"),
     ],
 )
 def test_refused_encoder_variants_say_why_and_write_nothing(tmp_path, model_type, overrides, reason):

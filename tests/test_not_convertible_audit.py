@@ -21,6 +21,9 @@ Checks by group:
 - embedding_layernorm: `layernorm_embedding` is a LayerNorm applied to token + position embeddings
   whose output enters the first layer unchanged (it is the stream), and whose per-token mean varies
   once γ is not constant.
+- raw_stream_vision_output: CLIP's vision tower (a tiny CLIPModel and CLIPVisionModel): the output
+  of pre_layrnorm, a LayerNorm, is exactly what enters the first layer, and last_hidden_state is
+  exactly the last layer's output (the raw stream, whose mean varies).
 - legacy_remote_code, remote_code_rmsnorm: not a transformers model type (AutoConfig refuses it, no
   CONFIG_MAPPING entry). For remote_code_rmsnorm (InternLM2) the RMSNorm claim itself cannot be
   checked here: its modeling code lives in the hub repositories (`InternLM2RMSNorm`, a copy of
@@ -276,6 +279,31 @@ def audit_embedding_layernorm(model_type: str) -> None:
         assert means.std().item() > 1e-3, f"{model_type} {stack_name}: the embedding LayerNorm's output mean does not vary"
 
 
+def audit_raw_stream_vision_output(model_type: str) -> None:
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=8, patch_size=4)
+    if model_type == "clip":
+        text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 100}
+        model = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision.to_dict())).eval()
+    else:
+        model = transformers.CLIPVisionModel(vision).eval()
+    tower = next(module for module in model.modules() if isinstance(getattr(module, "pre_layrnorm", None), torch.nn.Module))
+    generator = torch.Generator().manual_seed(5)
+    randomise(tower.pre_layrnorm, generator, spread=0.5)
+    recorder = Recorder()
+    recorder.output_of("pre", tower.pre_layrnorm)
+    recorder.input_of("layer0", first_layer(tower.encoder))
+    recorder.output_of("last", tower.encoder.layers[-1])
+    try:
+        with torch.no_grad():
+            output = tower(pixel_values=torch.randn((2, 3, 8, 8), generator=generator))
+    finally:
+        recorder.close()
+    assert isinstance(tower.pre_layrnorm, torch.nn.LayerNorm)
+    torch.testing.assert_close(recorder.inputs["layer0"], recorder.outputs["pre"], rtol=0, atol=0)  # its output IS the stream
+    torch.testing.assert_close(output.last_hidden_state, recorder.outputs["last"], rtol=0, atol=0)  # the raw stream is an output
+    assert output.last_hidden_state.mean(-1).abs().max().item() > 1e-3, "the raw stream's mean is what a conversion would remove"
+
+
 def audit_not_a_transformers_model_type(model_type: str) -> None:
     assert model_type not in CONFIG_MAPPING, f"{model_type} is a transformers model type now: audit it like one"
     with pytest.raises(ValueError):
@@ -297,6 +325,7 @@ AUDITS = {
     "embedding_layernorm": audit_embedding_layernorm,
     "legacy_remote_code": audit_not_a_transformers_model_type,
     "remote_code_rmsnorm": audit_remote_code_rmsnorm,
+    "raw_stream_vision_output": audit_raw_stream_vision_output,
 }
 
 
