@@ -27,7 +27,7 @@ import platform
 import statistics
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -37,6 +37,7 @@ from torch import nn
 from .checkpoint import check_path_encoding
 from .errors import BadInputError
 from .devices import placement, resolve_device
+from .model_io import bench_feed, compared_output, image_positions
 from .streaming import input_device
 from .progress import SILENT, Reporter
 from .verification import check_pair
@@ -185,15 +186,18 @@ def _random_ids(vocab_size: int, shape: tuple[int, ...], seed: int, device) -> t
     return torch.randint(0, vocab_size, shape, generator=generator).to(device)
 
 
-def measure_prefill(variants: list[Variant], batch: int, seq: int, settings: BenchSettings, vocab_size: int, device) -> dict:
-    ids = _random_ids(vocab_size, (batch, seq), settings.seed, device)
+Feed = Callable[[int, int], dict]  # (batch, sequence length) -> the keyword inputs of one forward pass
+
+
+def measure_prefill(variants: list[Variant], batch: int, seq: int, settings: BenchSettings, feed: Feed, device) -> dict:
+    inputs = feed(batch, seq)
 
     def prepare(variant: Variant):
         keep = _logits_to_keep(variant.model)
 
         def call():
             with torch.inference_mode():
-                variant.model(input_ids=ids, use_cache=False, **keep)
+                variant.model(**inputs, **keep)
 
         return call
 
@@ -265,36 +269,39 @@ class NormTimer:
         self.total += time.perf_counter() - self._start
 
 
-def measure_norm_share(variants: list[Variant], batch: int, seq: int, settings: BenchSettings, vocab_size: int, device) -> dict:
+def measure_norm_share(variants: list[Variant], batch: int, seq: int, settings: BenchSettings, feed: Feed, device) -> dict:
     """Time spent inside the norms during prefill, original and converted, in separate timed passes.
 
     The two models run the same operations except the norms, so the converted/original ratio is
     also estimated as 1 + (norms_converted - norms_original) / prefill_original: a far steadier
     number than the end-to-end ratio on a busy machine, because the norms are timed alone."""
-    ids = _random_ids(vocab_size, (batch, seq), settings.seed, device)
+    inputs = feed(batch, seq)
     measured = [variant for variant in variants if variant.name in ("original", "converted")]
     norm_times: dict[str, list[float]] = {variant.name: [] for variant in measured}
     for round_index in range(settings.rounds):
         for variant in measured[round_index % 2 :] + measured[: round_index % 2]:
             timer = NormTimer(norm_modules(variant), device)
             with timer.active(), torch.inference_mode():
-                variant.model(input_ids=ids, use_cache=False, **_logits_to_keep(variant.model))
+                variant.model(**inputs, **_logits_to_keep(variant.model))
             norm_times[variant.name].append(timer.total)
     seconds = {name: {"min": min(values), "median": statistics.median(values), "all": values} for name, values in norm_times.items()}
     return {"batch": batch, "seq": seq, "norm_seconds": seconds}
 
 
-def measure_train_step(variants: list[Variant], batch: int, seq: int, settings: BenchSettings, vocab_size: int, device) -> dict:
-    """Forward + backward of the language-modelling loss (dropout off: the models stay in eval mode,
-    so every variant computes the same kind of step). Gradients are dropped after each step."""
-    ids = _random_ids(vocab_size, (batch, seq), settings.seed, device)
+def measure_train_step(variants: list[Variant], batch: int, seq: int, settings: BenchSettings, feed: Feed, device) -> dict:
+    """Forward + backward of the language-modelling loss, or for a model without one (an encoder, a
+    vision model) of the mean square of its output (dropout off: the models stay in eval mode, so
+    every variant computes the same kind of step). Gradients are dropped after each step."""
+    inputs = feed(batch, seq)
+    labels = {"labels": inputs["input_ids"]} if "use_cache" in inputs else {}  # a causal LM
 
     def prepare(variant: Variant):
         model = variant.model
         model.zero_grad(set_to_none=True)
 
         def call():
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            output = model(**inputs, **labels)
+            loss = output.loss if labels else compared_output(output).float().square().mean()
             loss.backward()
 
         return call
@@ -376,11 +383,6 @@ def benchmark(
     placed = placement(device if device != "cpu" else None, device_map) if device_map is not None else {}
     torch_device = resolve_device(device)
     spec = check_pair(original, converted)
-    if not spec.causal:
-        raise BadInputError(
-            f"bench times prefill, decode and training steps of causal language models; {spec.family} models "
-            f"({spec.auto_class}) are not benchmarked yet: `prenorm-convert verify` checks them"
-        )
     if settings.rounds < 1 or min(settings.batch_sizes + settings.seq_lens) < 1:
         raise BadInputError("rounds, batch sizes and sequence lengths must be positive")
     if threads is not None:
@@ -393,8 +395,13 @@ def benchmark(
         variants = load_variants(original, converted, torch_dtype, torch_device, placed)
     torch_device = input_device(variants[0].model)  # with a device map: where the first module is
     config = variants[0].model.config
-    vocab_size = config.vocab_size
-    max_positions = getattr(config, "max_position_embeddings", None)
+    feed = bench_feed(spec, config, torch_dtype, torch_device, settings.seed)
+    if spec.inputs == "image":  # the sequence is the image's patches: its length is the model's
+        settings = replace(settings, seq_lens=(image_positions(config),), decode_tokens=0)
+    elif not spec.causal:  # nothing decodes token by token
+        settings = replace(settings, decode_tokens=0)
+    vocab_size = getattr(config, "vocab_size", None)
+    max_positions = getattr(config, "max_position_embeddings", None) if spec.inputs != "image" else None
     longest = max(max(settings.seq_lens), settings.decode_prompt + settings.decode_tokens)
     if max_positions is not None and longest > max_positions:
         raise BadInputError(f"sequences of {longest} tokens exceed the model's {max_positions} positions")
@@ -402,14 +409,14 @@ def benchmark(
     grid = [(batch, seq) for batch in settings.batch_sizes for seq in settings.seq_lens]
     prefill = []
     for batch, seq in reporter.track(grid, "prefill", total=len(grid)):
-        prefill.append(measure_prefill(variants, batch, seq, settings, vocab_size, torch_device))
+        prefill.append(measure_prefill(variants, batch, seq, settings, feed, torch_device))
     decode = None
     if settings.decode_tokens > 0:
         with reporter.step(f"decoding {settings.decode_tokens} tokens"):
             decode = measure_decode(variants, settings, vocab_size, torch_device)
     largest = next(point for point in prefill if (point["batch"], point["seq"]) == (max(settings.batch_sizes), max(settings.seq_lens)))
     with reporter.step("timing the norms alone"):
-        norms = measure_norm_share(variants, largest["batch"], largest["seq"], settings, vocab_size, torch_device)
+        norms = measure_norm_share(variants, largest["batch"], largest["seq"], settings, feed, torch_device)
     prefill_original = largest["seconds"]["original"]["median"]
     for name in ("original", "converted"):
         norms[f"share_of_prefill_{name}"] = norms["norm_seconds"][name]["median"] / largest["seconds"][name]["median"]
@@ -420,7 +427,7 @@ def benchmark(
     if settings.train:
         batch, seq = max(settings.batch_sizes), max(settings.seq_lens)
         with reporter.step(f"training step at {batch}×{seq}"):
-            train = measure_train_step(variants, batch, seq, settings, vocab_size, torch_device)
+            train = measure_train_step(variants, batch, seq, settings, feed, torch_device)
     converted_block = variants[1].model.config.prenorm
     return {
         "original": str(original),

@@ -43,10 +43,41 @@ def model_output(model, inputs: torch.Tensor) -> torch.Tensor:
         output = model(pixel_values=inputs.to(device, model.dtype))
     else:
         output = model(input_ids=inputs.to(device))
-    value = getattr(output, "logits", None)
-    if value is None:
-        value = output.last_hidden_state
+    value = compared_output(output)
     return value if value.dim() == 3 else value[:, None, :]
+
+
+def compared_output(output) -> torch.Tensor:
+    """The logits, or the last hidden state of a model without a head."""
+    value = getattr(output, "logits", None)
+    return output.last_hidden_state if value is None else value
+
+
+def image_positions(config) -> int:
+    """Positions a vision transformer's stream has for one image of its configured size: its
+    patches and the class token."""
+    size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
+    return (size // config.patch_size) ** 2 + 1
+
+
+def bench_feed(spec, config, dtype: torch.dtype, device, seed: int):
+    """For ``bench``: (batch, sequence length) -> the keyword inputs of one forward pass of the
+    family's models, seeded: token ids (a causal LM without its cache), images of the configured size
+    (the length is the model's own), or audio features with the decoder's token ids."""
+
+    def feed(batch: int, seq: int) -> dict:
+        generator = torch.Generator().manual_seed(seed)
+        if spec.inputs == "image":
+            size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
+            pixels = torch.randn((batch, config.num_channels, size, size), generator=generator)
+            return {"pixel_values": pixels.to(device, dtype)}
+        ids = torch.randint(0, config.vocab_size, (batch, seq), generator=generator).to(device)
+        if spec.inputs == "audio":
+            features = torch.randn((batch, config.num_mel_bins, 2 * config.max_source_positions), generator=generator)
+            return {"input_features": features.to(device, dtype), "decoder_input_ids": ids}
+        return {"input_ids": ids, "use_cache": False} if spec.causal else {"input_ids": ids}
+
+    return feed
 
 
 def image_inputs(original: str | Path, config) -> list[torch.Tensor]:

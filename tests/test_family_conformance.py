@@ -307,11 +307,26 @@ def test_refused_encoder_variants_say_why_and_write_nothing(tmp_path, model_type
     assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
-def test_bench_and_prompts_say_what_encoders_do_not_take(converted, tmp_path):
+@pytest.mark.parametrize("case_id", ["vit", "esm-rotary", "whisper"])
+def test_bench_times_encoders_on_their_own_inputs(converted, case_id):
+    from prenorm_convert.bench import BenchSettings, benchmark
+
+    src, out = converted(case_id, TARGETS["crmsnorm"])
+    settings = BenchSettings(batch_sizes=(1, 2), seq_lens=(8,), rounds=1, decode_tokens=4, train=True)
+    report = benchmark(src, out, settings=settings)
+    assert report["decode"] is None, "only causal language models decode token by token"
+    assert {point["batch"] for point in report["prefill"]} == {1, 2} and report["train"] is not None
+    for point in report["prefill"] + [report["train"]]:
+        assert all(point["seconds"][name]["min"] > 0 for name in ("original", "converted", "norm_free"))
+    if case_id == "vit":  # an image's length is its patches and class token: 16 / 4 → 4 × 4 + 1
+        assert {point["seq"] for point in report["prefill"]} == {17}
+    assert report["norms"]["norm_seconds"]["converted"]["min"] > 0
+
+
+def test_prompts_are_refused_for_vision_models(converted, tmp_path):
     src, out = converted("vit", TARGETS["rmsnorm"])
-    result = run_cli("bench", src, out, "--quiet")
-    assert result.exit_code == 2 and "not benchmarked yet" in result.stderr and "verify" in result.stderr
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of a cat\n")
     result = run_cli("verify", src, out, "--prompts", prompts, "--quiet")
     assert result.exit_code == 2 and "--prompts gives text" in result.stderr
+    assert not any(tmp_path.glob("*.json")), "nothing written"
