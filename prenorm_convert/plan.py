@@ -12,14 +12,14 @@ from dataclasses import replace
 import torch
 
 from .checkpoint import SourceCheckpoint
-from .dtype_checks import check_float_dtypes, check_not_quantized, quantized_hint
-from .key_names import stored_key_mapper
-from .errors import BadInputError, CorruptCheckpointError, SpecError, UnsupportedModelError
+from .dtype_checks import check_float_dtypes, check_not_quantized
+from .errors import BadInputError, CorruptCheckpointError, SpecError
 from .meta_model import build_meta_model, check_resized_forward
 from .row_blocks import DEFAULT_BLOCK_BYTES
 from .safetensors_io import DTYPES, element_size
 from .plan_data import ConversionPlan, TensorOp, numel
 from .spec import FamilySpec, Landing, all_hold, expand, expand_group
+from .stored_keys import check_shapes, map_stored_keys
 from .structure import check_streams, module_at
 from .transform import output_shape
 
@@ -68,9 +68,10 @@ class _Planner:
         self.params = dict(model.named_parameters(remove_duplicate=False))
         # persistent buffers a checkpoint may store (ESM's rotary inv_freq): copied when stored, never required
         self.buffers = {name: b for name, b in model.named_buffers() if name in set(model.state_dict()) and name not in self.params}
-        self.stored = self._map_stored_keys()
+        tensors = {**self.buffers, **self.params}
+        self.stored = map_stored_keys(source, self.spec, model, tensors, self.most_layers)
         check_float_dtypes([self.source.tensors[key] for key in self.stored.values()], self.dtype)
-        self._check_shapes()
+        check_shapes(source, self.spec, self.stored, tensors)
         self._read_table_from_a_head_stored_alone()
         self.ops: list[TensorOp] = []
         self.done: set[str] = set()
@@ -79,66 +80,6 @@ class _Planner:
         self.removed: list[str] = []
 
     # names -------------------------------------------------------------------------------
-    def _map_stored_keys(self) -> dict[str, str]:
-        """canonical parameter name -> stored key; reject anything the spec cannot place."""
-        known = set(self.params) | set(self.buffers)
-        ignored = {name for pattern in self.spec.ignore for name in expand(pattern, self.most_layers)}
-        mapping, unknown = {}, []
-        names_of = stored_key_mapper(self.model)
-        for stored in list(self.source.tensors):
-            if stored in ignored:
-                continue
-            canonical = self.spec.canonical_key(stored, known | ignored)
-            if canonical not in known | ignored:
-                names = names_of(stored)
-                if len(names) > 1:  # split into row blocks at load: each block is a tensor of its own
-                    stored_blocks = self._row_blocks(stored, names)
-                    mapping.update({name: block for name, block in zip(names, stored_blocks) if name in known})
-                    continue
-                canonical = self.spec.canonical_key(names[0], known | ignored)
-            if canonical in known:
-                mapping[canonical] = stored
-            elif canonical not in ignored:
-                unknown.append(stored)
-        if unknown:
-            hint = quantized_hint(self.source.tensors[key].dtype for key in unknown)
-            raise UnsupportedModelError(
-                f"the checkpoint holds tensor(s) {unknown[:3]}{' …' if len(unknown) > 3 else ''} that a "
-                f"{self.spec.family} model built from its config.json does not have; config and weights disagree{hint}"
-            )
-        return mapping
-
-    def _row_blocks(self, stored: str, names: list[str]) -> list[str]:
-        """A stored tensor that transformers splits into equal row blocks at load, as one stored
-        tensor per block (each a contiguous byte range of the file), registered under the block's
-        own key; every later step reads them like any other stored tensor."""
-        info = self.source.tensors[stored]
-        count = len(names)
-        if not info.offset or info.shape[0] % count:
-            raise UnsupportedModelError(
-                f"'{stored}' is split into {count} row blocks when transformers loads it; that needs it stored in a "
-                f"safetensors file with a first dimension divisible by {count}, and it is not"
-            )
-        rows, size = info.shape[0] // count, info.nbytes // count
-        keys = []
-        for index, name in enumerate(names):
-            key = f"{stored}[{index}/{count}]"
-            self.source.tensors[key] = replace(info, name=key, shape=(rows, *info.shape[1:]), offset=info.offset + index * size, nbytes=size)
-            keys.append(key)
-        del self.source.tensors[stored]
-        return keys
-
-    def _check_shapes(self) -> None:
-        """Every stored tensor has the shape the model built from config.json gives its parameter."""
-        for canonical, stored in self.stored.items():
-            expected, found = tuple({**self.buffers, **self.params}[canonical].shape), tuple(self.source.tensors[stored].shape)
-            if expected != found:
-                raise CorruptCheckpointError(
-                    f"config.json and the weights disagree: '{stored}' is {list(found)} in the file, but a "
-                    f"{self.spec.family} model built from config.json has {list(expected)}; "
-                    "the config belongs to another checkpoint (fix or re-download it)"
-                )
-
     def has(self, name: str) -> bool:
         return name in self.stored
 

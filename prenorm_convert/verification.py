@@ -61,9 +61,8 @@ def _quiet_transformers() -> None:
 
 
 def load_original(path: str | Path, dtype: torch.dtype, **placed):
-    """The original as transformers loads it; ``placed``: devices.placement's keywords."""
-    import transformers
-
+    """The original as transformers loads it (the class its family's spec builds); ``placed``:
+    devices.placement's keywords."""
     _quiet_transformers()
     model = folder_loader(path).from_pretrained(str(path), dtype=dtype, **placed)
     return model.eval()
@@ -98,9 +97,8 @@ def check_pair(original: Path, converted: Path):
 
 
 def load_converted(path: str | Path, dtype: torch.dtype | str | None = None, **kwargs):
-    """Load a folder written by prenorm-convert as its converted architecture (RMSNorm modules)."""
-    import transformers
-
+    """Load a folder written by prenorm-convert as its converted architecture (RMSNorm modules), with
+    the Auto class its auto_map names."""
     _quiet_transformers()
     path = Path(path)
     converted_folder_config(path)
