@@ -21,6 +21,10 @@ model_type (used when the folder must not load without this code).
 
 from __future__ import annotations
 
+import logging
+import os
+import types
+
 import torch
 import transformers
 from torch import nn
@@ -43,11 +47,18 @@ def rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor | None, bias: tor
     row (``row_scale``), then the scale and γ, β applied in place on that copy, and one rounding
     back to the input's dtype, as LayerNorm's kernel rounds once. Out of place when autograd
     records, which cannot differentiate in-place writes of this kind. Every call costs a few
-    microseconds inside a model, so the per-row work is kept to the fewest calls.
+    microseconds inside a model, so the per-row work is kept to the fewest calls. Large bf16/fp16
+    inputs, and float32 ones while autograd records, take the same function compiled by
+    torch.compile (``_rms_kernel``; ``_compiles`` says when): one generated kernel that reads each
+    row twice (its sum of squares, then the result) and makes no float32 copy.
     """
     if hidden_states.device.type != "cpu":
         out = nn.functional.rms_norm(hidden_states, (hidden_states.shape[-1],), weight, eps)
         return out if bias is None else out + bias
+    if _compiles(hidden_states, weight, bias):
+        out = _run_compiled(_rms_kernel, hidden_states, weight, bias, _epsilon(eps, hidden_states))
+        if out is not None:
+            return out
     work, owned = compute_copy(hidden_states)
     in_place = not _recording(hidden_states, weight, bias)
     out = scale_rows(work, row_scale(work, eps, work.shape[-1]), in_place and owned)
@@ -109,6 +120,79 @@ def _epsilon(eps: float, like: torch.Tensor) -> torch.Tensor:
     return cached
 
 
+# -- compiled CPU norms (docs/performance.md "Compiled CPU norms") --------------------------------
+
+# the compiled path: CPU, at least this many elements (below, its fixed cost per call exceeds what
+# it saves), bf16/fp16, and float32 while autograd records (the compiled backward is the faster
+# one; the float32 forward is not); PRENORM_COMPILE=0 turns it off
+COMPILED_DTYPES = (torch.bfloat16, torch.float16)
+COMPILED_TRAINING_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+COMPILE_MIN_ELEMENTS = 1 << 17
+_COMPILE = {"on": os.environ.get("PRENORM_COMPILE", "1").strip().lower() not in ("0", "false", "no", "off")}
+_COMPILED: dict = {}
+_LOG = logging.getLogger("prenorm_convert.modeling")
+
+
+def _rms_kernel(x, weight, bias, eps):
+    """rms_norm's function for torch.compile: float32 (or wider) statistics and γ, β, one rounding."""
+    work = x.to(torch.promote_types(x.dtype, torch.float32))
+    out = work * torch.rsqrt(work.square().mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        out = out * weight
+    if bias is not None:
+        out = out + bias
+    return out.to(x.dtype)
+
+
+def _crms_kernel(x, eps, width):
+    """PrenormCRMSNorm's function for torch.compile (docs/math.md "Pre-CRMSNorm"): d = width."""
+    work = x.to(torch.promote_types(x.dtype, torch.float32))
+    total = work.sum(-1, keepdim=True)
+    scale = torch.rsqrt((work.square().sum(-1, keepdim=True) + total * total) / width + eps)
+    return (work * scale).to(x.dtype)
+
+
+def _compiles(hidden_states: torch.Tensor, *params: torch.Tensor | None) -> bool:
+    """Whether a norm call takes the compiled path: never under fake tensors, tracing or an outer
+    torch.compile (which traces the eager path itself)."""
+    return (
+        _COMPILE["on"]
+        and hidden_states.numel() >= COMPILE_MIN_ELEMENTS
+        and (
+            hidden_states.dtype in COMPILED_DTYPES
+            or (hidden_states.dtype in COMPILED_TRAINING_DTYPES and _recording(hidden_states, *params))
+        )
+        and type(hidden_states) is torch.Tensor
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+        and not torch._C._functorch.is_functorch_wrapped_tensor(hidden_states)
+    )
+
+
+def _run_compiled(kernel, hidden_states: torch.Tensor, *args) -> torch.Tensor | None:
+    """kernel over the rows of hidden_states, compiled once per process for each dtype and each
+    pattern of absent arguments, with dynamic shapes (no recompiles across batch and sequence
+    lengths). None when compiling or running it failed: then one log line, and the eager path from
+    then on."""
+    key = (kernel.__name__, hidden_states.dtype) + tuple(arg is None for arg in args)
+    try:
+        compiled = _COMPILED.get(key) or _COMPILED.setdefault(key, _compile(kernel))
+        return compiled(hidden_states.reshape(-1, hidden_states.shape[-1]), *args).view(hidden_states.shape)
+    except Exception as error:  # no C++ compiler, an inductor failure, an unsupported torch
+        _COMPILE["on"] = False
+        reason = (str(error).strip().splitlines() or [""])[0]
+        _LOG.warning("compiled CPU norms unavailable, using the eager ones (%s: %s)", type(error).__name__, reason)
+        return None
+
+
+def _compile(kernel):
+    """torch.compile of a fresh copy of kernel: torch caches compiled graphs per code object and
+    recompiles at most a few times per object, so each dtype and argument pattern gets its own."""
+    code = kernel.__code__.replace(co_name=f"{kernel.__name__}_{len(_COMPILED)}")
+    fresh = types.FunctionType(code, kernel.__globals__, code.co_name)
+    return torch.compile(fresh, dynamic=True, fullgraph=True)
+
+
 class PrenormRMSNorm(nn.Module):
     """RMSNorm(x) = γ ⊙ x / sqrt(mean(x²) + ε) + β; equals LayerNorm on a zero-mean x."""
 
@@ -148,6 +232,10 @@ class PrenormCRMSNorm(nn.Module):
         # as rms_norm: float32 work for bf16/fp16, two reductions (the row's sum and norm), one
         # rounding at the end. Zero-padded features (--pad-to) add nothing to either sum and stay
         # zero: d is self.width + 1, never the tensor's width.
+        if _compiles(hidden_states):
+            out = _run_compiled(_crms_kernel, hidden_states, _epsilon(self.eps, hidden_states), self.width + 1)
+            if out is not None:
+                return out
         work, owned = compute_copy(hidden_states)
         scale = row_scale(work, self.eps, self.width + 1, work.sum(-1, keepdim=True))
         out = scale_rows(work, scale, owned and not _recording(hidden_states))
