@@ -21,9 +21,11 @@ model_type (used when the folder must not load without this code).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import types
+import warnings
 
 import torch
 import transformers
@@ -55,8 +57,9 @@ def rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor | None, bias: tor
     if hidden_states.device.type != "cpu":
         out = nn.functional.rms_norm(hidden_states, (hidden_states.shape[-1],), weight, eps)
         return out if bias is None else out + bias
-    if _compiles(hidden_states, weight, bias):
-        out = _run_compiled(_rms_kernel, hidden_states, weight, bias, _epsilon(eps, hidden_states))
+    mode = _compiled_mode(hidden_states, weight, bias)
+    if mode is not None:
+        out = _run_compiled(mode, _rms_kernel, hidden_states, weight, bias, _epsilon(eps, hidden_states))
         if out is not None:
             return out
     work, owned = compute_copy(hidden_states)
@@ -107,8 +110,9 @@ _EPSILONS: dict = {}
 
 
 def _epsilon(eps: float, like: torch.Tensor) -> torch.Tensor:
-    """ε as a one-element tensor of float32 or wider (a 0-d tensor would not lift bf16 statistics
-    to float32), made once per ε, dtype and device; fake or traced tensors get a fresh one."""
+    """ε (or another constant, CRMSNorm's 1/d) as a one-element tensor of float32 or wider (a 0-d
+    tensor would not lift bf16 statistics to float32), made once per value, dtype and device; fake
+    or traced tensors get a fresh one."""
     dtype = torch.promote_types(like.dtype, torch.float32)
     if type(like) is not torch.Tensor:
         return torch.full((1,), eps, dtype=dtype, device=like.device)
@@ -122,11 +126,14 @@ def _epsilon(eps: float, like: torch.Tensor) -> torch.Tensor:
 
 # -- compiled CPU norms (docs/performance.md "Compiled CPU norms") --------------------------------
 
-# the compiled path: CPU, at least this many elements (below, its fixed cost per call exceeds what
-# it saves), bf16/fp16, and float32 while autograd records (the compiled backward is the faster
-# one; the float32 forward is not); PRENORM_COMPILE=0 turns it off
+# Which calls take a compiled kernel (``_compiled_mode``): bf16/fp16 CPU inputs of at least
+# INFERENCE_MIN_ELEMENTS run an AOTInductor package (inductor's code compiled ahead of time: its
+# call costs a fraction of torch.compile's); while autograd records, inputs of at least
+# COMPILE_MIN_ELEMENTS in these dtypes and float32 run torch.compile (differentiable, its backward
+# beats the eager one). PRENORM_COMPILE=0 keeps every norm eager.
 COMPILED_DTYPES = (torch.bfloat16, torch.float16)
 COMPILED_TRAINING_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+INFERENCE_MIN_ELEMENTS = 1 << 16
 COMPILE_MIN_ELEMENTS = 1 << 17
 _COMPILE = {"on": os.environ.get("PRENORM_COMPILE", "1").strip().lower() not in ("0", "false", "no", "off")}
 _COMPILED: dict = {}
@@ -134,7 +141,7 @@ _LOG = logging.getLogger("prenorm_convert.modeling")
 
 
 def _rms_kernel(x, weight, bias, eps):
-    """rms_norm's function for torch.compile: float32 (or wider) statistics and γ, β, one rounding."""
+    """rms_norm's function for the compilers: float32 (or wider) statistics and γ, β, one rounding."""
     work = x.to(torch.promote_types(x.dtype, torch.float32))
     out = work * torch.rsqrt(work.square().mean(-1, keepdim=True) + eps)
     if weight is not None:
@@ -144,40 +151,42 @@ def _rms_kernel(x, weight, bias, eps):
     return out.to(x.dtype)
 
 
-def _crms_kernel(x, eps, width):
-    """PrenormCRMSNorm's function for torch.compile (docs/math.md "Pre-CRMSNorm"): d = width."""
+def _crms_kernel(x, eps, inverse_width):
+    """PrenormCRMSNorm's function for the compilers (docs/math.md "Pre-CRMSNorm"), 1/d given."""
     work = x.to(torch.promote_types(x.dtype, torch.float32))
     total = work.sum(-1, keepdim=True)
-    scale = torch.rsqrt((work.square().sum(-1, keepdim=True) + total * total) / width + eps)
+    scale = torch.rsqrt((work.square().sum(-1, keepdim=True) + total * total) * inverse_width + eps)
     return (work * scale).to(x.dtype)
 
 
-def _compiles(hidden_states: torch.Tensor, *params: torch.Tensor | None) -> bool:
-    """Whether a norm call takes the compiled path: never under fake tensors, tracing or an outer
-    torch.compile (which traces the eager path itself)."""
-    return (
-        _COMPILE["on"]
-        and hidden_states.numel() >= COMPILE_MIN_ELEMENTS
-        and (
-            hidden_states.dtype in COMPILED_DTYPES
-            or (hidden_states.dtype in COMPILED_TRAINING_DTYPES and _recording(hidden_states, *params))
-        )
-        and type(hidden_states) is torch.Tensor
-        and not torch.compiler.is_compiling()
-        and not torch.jit.is_tracing()
-        and not torch._C._functorch.is_functorch_wrapped_tensor(hidden_states)
-    )
+def _compiled_mode(hidden_states: torch.Tensor, *params: torch.Tensor | None) -> str | None:
+    """"train" (torch.compile), "infer" (AOTInductor) or None (eager) for one norm call; never
+    under fake tensors, tracing or an outer torch.compile (which traces the eager path itself)."""
+    if not _COMPILE["on"] or type(hidden_states) is not torch.Tensor or hidden_states.device.type != "cpu":
+        return None
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._functorch.is_functorch_wrapped_tensor(hidden_states):
+        return None
+    if hidden_states.dim() < 2 or hidden_states.shape[-1] < 2 or hidden_states.numel() < 2 * hidden_states.shape[-1]:
+        return None  # the compiled code is made for two rows or more, of two features or more
+    size, dtype = hidden_states.numel(), hidden_states.dtype
+    if _recording(hidden_states, *params):
+        return "train" if dtype in COMPILED_TRAINING_DTYPES and size >= COMPILE_MIN_ELEMENTS else None
+    return "infer" if dtype in COMPILED_DTYPES and size >= INFERENCE_MIN_ELEMENTS else None
 
 
-def _run_compiled(kernel, hidden_states: torch.Tensor, *args) -> torch.Tensor | None:
-    """kernel over the rows of hidden_states, compiled once per process for each dtype and each
-    pattern of absent arguments, with dynamic shapes (no recompiles across batch and sequence
-    lengths). None when compiling or running it failed: then one log line, and the eager path from
-    then on."""
-    key = (kernel.__name__, hidden_states.dtype) + tuple(arg is None for arg in args)
+def _run_compiled(mode: str, kernel, hidden_states: torch.Tensor, *args) -> torch.Tensor | None:
+    """kernel over the rows of hidden_states, compiled once per process for each mode, dtype and
+    pattern of absent arguments, with dynamic rows and width (no recompiles across batch and
+    sequence lengths). None where the eager path must run: arguments the compiled code was not
+    made for, or compiling or running failed (then one log line, and the eager path from then on)."""
+    key = (mode, kernel.__name__, hidden_states.dtype) + tuple(arg if arg is None else arg.dtype for arg in args)
+    # the rows as a tensor of their own, not a view: torch.compile would guard on the sizes of a
+    # view's base, and recompile for a batch or a sequence of one
+    rows = torch.ops.aten._unsafe_view(hidden_states.contiguous(), (-1, hidden_states.shape[-1]))
     try:
-        compiled = _COMPILED.get(key) or _COMPILED.setdefault(key, _compile(kernel))
-        return compiled(hidden_states.reshape(-1, hidden_states.shape[-1]), *args).view(hidden_states.shape)
+        compiled = _COMPILED.get(key) or _COMPILED.setdefault(key, _compile(mode, kernel, rows, args))
+        out = compiled(rows, *args)
+        return None if out is None else out.view(hidden_states.shape)
     except Exception as error:  # no C++ compiler, an inductor failure, an unsupported torch
         _COMPILE["on"] = False
         reason = (str(error).strip().splitlines() or [""])[0]
@@ -185,12 +194,65 @@ def _run_compiled(kernel, hidden_states: torch.Tensor, *args) -> torch.Tensor | 
         return None
 
 
-def _compile(kernel):
-    """torch.compile of a fresh copy of kernel: torch caches compiled graphs per code object and
-    recompiles at most a few times per object, so each dtype and argument pattern gets its own."""
+def _compile(mode: str, kernel, rows: torch.Tensor, args: tuple):
+    if mode == "infer":
+        return _aot_compiled(kernel, (rows,) + args)
+    # torch caches compiled graphs per code object, and recompiles each only a few times: each
+    # dtype and pattern of absent arguments gets a fresh copy of the kernel
     code = kernel.__code__.replace(co_name=f"{kernel.__name__}_{len(_COMPILED)}")
-    fresh = types.FunctionType(code, kernel.__globals__, code.co_name)
-    return torch.compile(fresh, dynamic=True, fullgraph=True)
+    return torch.compile(types.FunctionType(code, kernel.__globals__, code.co_name), dynamic=True, fullgraph=True)
+
+
+class _Kernel(nn.Module):
+    """A kernel as torch.export takes it: the tensors given, None where ``present`` says so."""
+
+    def __init__(self, kernel, present: tuple[bool, ...]):
+        super().__init__()
+        self.kernel, self.present = kernel, present
+
+    def forward(self, *tensors):
+        given = iter(tensors)
+        return self.kernel(*(next(given) if here else None for here in self.present))
+
+
+def _aot_compiled(kernel, example: tuple):
+    """kernel exported with dynamic rows and width and compiled by AOTInductor into a package in
+    inductor's cache directory, named by everything the generated code depends on: compiled once
+    per machine, loaded in milliseconds by every later process."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    present = tuple(arg is not None for arg in example)
+    tensors = tuple(arg.clone() for arg in example if arg is not None)  # distinct: export merges aliases
+    code = kernel.__code__
+    identity = (code.co_code, code.co_consts, code.co_names, present, [str(t.dtype) for t in tensors])
+    identity += (torch.__version__, torch.backends.cpu.get_cpu_capability())
+    path = os.path.join(cache_dir(), "prenorm", f"{kernel.__name__}-{hashlib.sha256(repr(identity).encode()).hexdigest()[:24]}.pt2")
+    if not os.path.exists(path):
+        rows, width = torch.export.Dim("rows", min=2), torch.export.Dim("width", min=2)
+        shapes = [{0: rows, 1: width}] + [{0: width} if t.dim() == 1 and t.shape[0] > 1 else None for t in tensors[1:]]
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        partial = f"{path[:-4]}.{os.getpid()}.pt2"
+        with warnings.catch_warnings():  # torch's own deprecation notices, not the user's concern
+            warnings.simplefilter("ignore", FutureWarning)
+            exported = torch.export.export(_Kernel(kernel, present), tensors, dynamic_shapes=(tuple(shapes),))
+            torch._inductor.aoti_compile_and_package(exported, package_path=partial)
+        os.replace(partial, path)
+    run = torch._inductor.aoti_load_package(path).loader.run
+    wide = tuple(tensor.shape[0] > 1 for tensor in tensors[1:])
+    return lambda *args: _run_checked(run, wide, [arg.contiguous() for arg in args if arg is not None])
+
+
+def _run_checked(run, wide: tuple[bool, ...], tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """AOTInductor's code checks none of its inputs (the package is made for contiguous CPU tensors
+    of its dtypes, which the key of _COMPILED holds): None (the eager path) unless every further
+    argument is a CPU vector as wide as a row (``wide``) or of one element."""
+    width = tensors[0].shape[1]
+    if width < 2 or tensors[0].shape[0] < 2:
+        return None
+    for tensor, is_wide in zip(tensors[1:], wide):
+        if tensor.device.type != "cpu" or tensor.shape != ((width,) if is_wide else (1,)):
+            return None
+    return run(tensors)[0]
 
 
 class PrenormRMSNorm(nn.Module):
@@ -232,8 +294,10 @@ class PrenormCRMSNorm(nn.Module):
         # as rms_norm: float32 work for bf16/fp16, two reductions (the row's sum and norm), one
         # rounding at the end. Zero-padded features (--pad-to) add nothing to either sum and stay
         # zero: d is self.width + 1, never the tensor's width.
-        if _compiles(hidden_states):
-            out = _run_compiled(_crms_kernel, hidden_states, _epsilon(self.eps, hidden_states), self.width + 1)
+        mode = _compiled_mode(hidden_states)
+        if mode is not None:
+            width = _epsilon(1 / (self.width + 1), hidden_states)
+            out = _run_compiled(mode, _crms_kernel, hidden_states, _epsilon(self.eps, hidden_states), width)
             if out is not None:
                 return out
         work, owned = compute_copy(hidden_states)
@@ -494,8 +558,6 @@ def _warn_if_training_changes_parametrization(model: nn.Module) -> None:
     if getattr(model, "_prenorm_warned", False) or kept:
         return
     model._prenorm_warned = True
-    import warnings
-
     warnings.warn(
         "training a converted model whose norms' γ, β were folded into the linears (--fold-affine, crmsnorm) or "
         "whose embedding LayerNorm was baked into the table (BLOOM) or whose layer scales were folded into the writers "

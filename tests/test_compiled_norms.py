@@ -1,15 +1,22 @@
-"""The compiled CPU norms of the remote code (modeling._rms_kernel, _crms_kernel under torch.compile)
-against the formula of docs/math.md, with the bars tests/test_fast_norms.py sets for the eager path.
+"""The compiled CPU norms of the remote code against the formula of docs/math.md, with the bars
+tests/test_fast_norms.py sets for the eager path: modeling._rms_kernel and _crms_kernel, run as an
+AOTInductor package in inference ("infer") and through torch.compile while autograd records
+("train").
 
-Compiling costs seconds, so the compiled functions are made once per process (as in a model) and
-these tests share them: every test here lowers the size threshold so that small inputs take the
-compiled path, and lets float32 take it too.
+Compiling costs seconds (an AOTInductor package 8-14 s on this project's machine, then it is
+loaded from inductor's cache directory in milliseconds), so the compiled kernels are made once per
+process and shared by these tests; each variant beyond the common ones is marked slow. Every test
+here lowers the size thresholds so that small inputs take the compiled path, and lets float32
+take it in inference too.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -19,30 +26,27 @@ from prenorm_convert import modeling
 from prenorm_convert.modeling import PrenormCRMSNorm, rms_norm
 
 COMPILED = (torch.bfloat16, torch.float16, torch.float32)
-SLOW = pytest.mark.slow  # each compiled variant costs a compile (1-2 s with a cold inductor cache)
+SLOW = pytest.mark.slow
 REDUCED = [torch.bfloat16, pytest.param(torch.float16, marks=SLOW)]
 AFFINE_FAST = [AFFINE[0]] + [pytest.param(*variant, marks=SLOW) for variant in AFFINE[1:]]
+SHAPE = (4, 33, 96)
 
 
 @pytest.fixture(autouse=True)
 def compiled_path(monkeypatch):
     monkeypatch.setitem(modeling._COMPILE, "on", True)
+    monkeypatch.setattr(modeling, "INFERENCE_MIN_ELEMENTS", 1)
     monkeypatch.setattr(modeling, "COMPILE_MIN_ELEMENTS", 1)
     monkeypatch.setattr(modeling, "COMPILED_DTYPES", COMPILED)
-    monkeypatch.setattr(modeling, "COMPILED_TRAINING_DTYPES", COMPILED)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def compiler_works():
     """Skip this module where no C++ compiler works (the fallback is tested below either way)."""
-    modeling._COMPILE["on"], threshold = True, modeling.COMPILE_MIN_ELEMENTS
-    modeling.COMPILE_MIN_ELEMENTS = 1
-    try:
-        x, weight, bias = inputs(torch.bfloat16)
-        if modeling._run_compiled(modeling._rms_kernel, x, weight, bias, modeling._epsilon(EPS, x)) is None:
-            pytest.skip("torch.compile does not work here: the eager norms are used")
-    finally:
-        modeling.COMPILE_MIN_ELEMENTS = threshold
+    modeling._COMPILE["on"] = True
+    x, weight, bias = inputs(torch.bfloat16, shape=SHAPE)
+    if modeling._run_compiled("infer", modeling._rms_kernel, x, weight, bias, modeling._epsilon(EPS, x)) is None:
+        pytest.skip("compiling does not work here: the eager norms are used")
 
 
 def graphs() -> int:
@@ -52,7 +56,7 @@ def graphs() -> int:
 
 
 def eager(function, *args):
-    """The same call on today's eager path."""
+    """The same call on the eager path."""
     on = modeling._COMPILE["on"]
     modeling._COMPILE["on"] = False
     try:
@@ -68,30 +72,37 @@ def crms(x):
 def crms_reference(x):
     """CRMSNorm in float64: the first d-1 of RMSNorm of [x̃, -Σ x̃] (docs/math.md "Pre-CRMSNorm")."""
     x64 = x.double()
-    full = torch.cat([x64, -x64.sum(-1, keepdim=True)], dim=-1)
-    return reference(full, None, None)[..., :-1]
+    return reference(torch.cat([x64, -x64.sum(-1, keepdim=True)], dim=-1), None, None)[..., :-1]
 
 
-@pytest.mark.parametrize("dtype", REDUCED)
-@pytest.mark.parametrize("label,use_weight,use_bias", AFFINE)
-def test_reduced_precision_rounds_once(dtype, label, use_weight, use_bias):
-    x, weight, bias = inputs(dtype, shape=(4, 33, 96))
-    weight, bias = (weight if use_weight else None), (bias if use_bias else None)
-    out = rms_norm(x, weight, bias, EPS)
-    assert ("_rms_kernel", dtype, not use_weight, not use_bias, False) in modeling._COMPILED
-    assert out.dtype == dtype
+def assert_rounds_once(out, x, weight, bias):
+    """One rounding of the exact result, plus float32's own error on the terms (as test_fast_norms)."""
     scaled = reference(x, weight, None)
     expected = scaled + (bias.double() if bias is not None else 0)
-    unit_roundoff = torch.finfo(dtype).eps / 2
+    unit_roundoff = torch.finfo(out.dtype).eps / 2
     bound = unit_roundoff * expected.abs() * 1.001 + 2**-20 * (scaled.abs() + (bias.double().abs() if bias is not None else 0))
     assert torch.all((out.double() - expected).abs() <= bound)
 
 
+@pytest.mark.parametrize("dtype", REDUCED)
 @pytest.mark.parametrize("label,use_weight,use_bias", AFFINE_FAST)
+def test_reduced_precision_rounds_once(dtype, label, use_weight, use_bias):
+    x, weight, bias = inputs(dtype, shape=SHAPE)
+    weight, bias = (weight if use_weight else None), (bias if use_bias else None)
+    with torch.inference_mode():
+        out = rms_norm(x, weight, bias, EPS)
+    key = ("infer", "_rms_kernel", dtype, weight if weight is None else dtype, bias if bias is None else dtype, torch.float32)
+    assert key in modeling._COMPILED and out.dtype == dtype
+    assert_rounds_once(out, x, weight, bias)
+
+
+@SLOW
+@pytest.mark.parametrize("label,use_weight,use_bias", AFFINE)
 def test_float32_within_float32_rounding(label, use_weight, use_bias):
-    x, weight, bias = inputs(torch.float32, shape=(4, 33, 96))
+    x, weight, bias = inputs(torch.float32, shape=SHAPE)
     weight, bias = (weight if use_weight else None), (bias if use_bias else None)
     out = rms_norm(x, weight, bias, EPS)
+    assert ("infer", "_rms_kernel", torch.float32) + (weight if weight is None else torch.float32,) in [key[:4] for key in modeling._COMPILED]
     scaled = reference(x, weight, None).abs()
     bound = 8 * torch.finfo(torch.float32).eps * (scaled + (bias.double().abs() if bias is not None else 0))
     assert torch.all((out.double() - reference(x, weight, bias)).abs() <= bound)
@@ -101,44 +112,78 @@ def test_float32_within_float32_rounding(label, use_weight, use_bias):
 def test_crmsnorm_is_accurate_to_the_output_rounding(dtype):
     x = inputs(dtype, shape=(4, 33, 95))[0]
     result, expected = crms(x), crms_reference(x)
-    assert result.dtype == dtype
+    assert result.dtype == dtype and ("infer", "_crms_kernel", dtype, torch.float32, torch.float32) in modeling._COMPILED
     ulp = torch.finfo(dtype).eps
     assert torch.all((result.double() - expected).abs() <= ulp * expected.abs() + 2**-20)
 
 
-def test_no_recompiles_across_batch_and_sequence_lengths():
-    """As a model runs: under inference mode, every activation an inference tensor."""
-    _, weight, bias = inputs(torch.bfloat16, shape=(2, 7, 96))
+def test_one_package_serves_every_batch_and_sequence_length():
+    """Inference: one AOTInductor package per kernel, dtype and pattern, whatever the shape."""
+    _, weight, bias = inputs(torch.bfloat16, shape=SHAPE)
+    rms_norm(inputs(torch.bfloat16, shape=SHAPE)[0], weight, bias, EPS)
+    packages = dict(modeling._COMPILED)
+    with torch.inference_mode():
+        for batch, seq in ((1, 2), (3, 17), (8, 128), (5, 1)):
+            x = inputs(torch.bfloat16, shape=(batch, seq, 96), seed=batch)[0]
+            assert_rounds_once(rms_norm(x, weight, bias, EPS), x, weight, bias)
+    assert modeling._COMPILED == packages
+
+
+def test_no_recompiles_while_training_across_batch_and_sequence_lengths():
+    """Training: torch.compile with dynamic shapes compiles each kernel once for all shapes."""
+    _, weight, bias = inputs(torch.bfloat16, shape=SHAPE)
+    weight.requires_grad_(True)
     for function in (lambda t: rms_norm(t, weight, bias, EPS), crms):
-        with torch.inference_mode():
-            function(inputs(torch.bfloat16, shape=(2, 7, 96))[0])  # compiled here, with dynamic shapes
-            before = graphs()
-            for batch, seq in ((1, 2), (3, 17), (8, 128), (5, 1), (2, 7)):
-                function(inputs(torch.bfloat16, shape=(batch, seq, 96), seed=batch)[0])
+        function(inputs(torch.bfloat16, shape=(2, 7, 96))[0].requires_grad_(True)).sum().backward()
+        before = graphs()
+        for batch, seq in ((1, 2), (3, 17), (8, 128), (5, 1)):
+            x = inputs(torch.bfloat16, shape=(batch, seq, 96), seed=batch)[0].requires_grad_(True)
+            function(x).sum().backward()
         assert graphs() == before
 
 
 def test_input_is_never_written_and_output_is_fresh():
-    x, weight, bias = inputs(torch.bfloat16, shape=(4, 33, 96))
+    x, weight, bias = inputs(torch.bfloat16, shape=SHAPE)
     before = x.clone()
-    outputs = [rms_norm(x, w, b, EPS) for w, b in ((weight, bias), (weight, None), (None, None))] + [crms(x)]
+    outputs = [rms_norm(x, weight, bias, EPS), crms(x)]
     assert torch.equal(x, before)
     assert all(out.data_ptr() != x.data_ptr() for out in outputs)
 
 
+def test_inputs_the_package_was_not_made_for_are_handled():
+    """AOTInductor's code checks nothing: strided inputs are made contiguous, a weight of another
+    width goes to the eager path (which refuses it), one of another dtype gets its own package."""
+    x, weight, bias = inputs(torch.bfloat16, shape=SHAPE)
+    strided_x = torch.stack([x, 2 * x], dim=-1)[..., 0]
+    strided_weight = torch.stack([weight, bias], dim=-1)[:, 0]
+    assert not strided_x.is_contiguous() and not strided_weight.is_contiguous()
+    assert_rounds_once(rms_norm(strided_x, strided_weight, bias, EPS), x, weight, bias)
+    with pytest.raises(RuntimeError):
+        rms_norm(x, weight[:50], bias, EPS)
+    assert modeling._COMPILE["on"]
+
+
+@SLOW
+def test_weights_of_another_dtype_get_their_own_package():
+    x, weight, bias = inputs(torch.bfloat16, shape=SHAPE)
+    out = rms_norm(x, weight.float(), bias.float(), EPS)
+    assert ("infer", "_rms_kernel", torch.bfloat16, torch.float32, torch.float32, torch.float32) in modeling._COMPILED
+    assert_rounds_once(out, x, weight, bias)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gradients_match_the_eager_path(dtype):
-    """Training runs through the compiled path: its gradients are the eager path's, to within the
+    """Training runs through torch.compile: its gradients are the eager path's, to within the
     rounding of the dtype (float32: a few ulps of the largest gradient; bf16: one rounding apart)."""
-    x, weight, bias = inputs(dtype, shape=(4, 33, 96))
-    grad = torch.randn(4, 33, 96, generator=torch.Generator().manual_seed(1)).to(dtype)
+    x, weight, bias = inputs(dtype, shape=SHAPE)
+    grad = torch.randn(*SHAPE, generator=torch.Generator().manual_seed(1)).to(dtype)
     results = []
     for path in (lambda *a: rms_norm(*a, EPS), lambda *a: eager(rms_norm, *a, EPS)):
         leaves = [tensor.clone().requires_grad_(True) for tensor in (x, weight, bias)]
         out = path(*leaves)
         out.backward(grad)
         results.append([out] + [leaf.grad for leaf in leaves])
-    assert results[0][0].grad_fn is not None and results[0][0].grad_fn is not results[1][0].grad_fn
+    assert ("train", "_rms_kernel", dtype, dtype, dtype, torch.float32) in modeling._COMPILED
     for compiled, slow in zip(*results):
         scale = slow.abs().max().double() if dtype == torch.float32 else slow.double().abs()
         tolerance = (64 * torch.finfo(dtype).eps if dtype == torch.float32 else torch.finfo(dtype).eps) * scale
@@ -158,35 +203,34 @@ def test_crmsnorm_gradients_match_the_eager_path():
 
 
 def test_what_stays_on_the_eager_path(monkeypatch):
-    """float64, small inputs (the default threshold), fake tensors and tracing use the eager path."""
+    """float64, one row, fake tensors, small inputs (the default thresholds) and float32 outside
+    training use the eager path."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     x = inputs(torch.bfloat16, shape=(2, 3, 96))[0]
-    assert modeling._compiles(x) and not modeling._compiles(x.double())
+    assert modeling._compiled_mode(x) == "infer" and modeling._compiled_mode(x.double()) is None
+    assert modeling._compiled_mode(x[:1, :1]) is None
     with FakeTensorMode(allow_non_fake_inputs=True):
-        assert not modeling._compiles(torch.empty(2, 3, 96, dtype=torch.bfloat16))
+        assert modeling._compiled_mode(torch.empty(2, 3, 96, dtype=torch.bfloat16)) is None
+    monkeypatch.setattr(modeling, "INFERENCE_MIN_ELEMENTS", 1 << 16)
     monkeypatch.setattr(modeling, "COMPILE_MIN_ELEMENTS", 1 << 17)
     monkeypatch.setattr(modeling, "COMPILED_DTYPES", (torch.bfloat16, torch.float16))
-    monkeypatch.setattr(modeling, "COMPILED_TRAINING_DTYPES", COMPILED)
-    assert not modeling._compiles(x)  # one token of a d=768 model takes the eager path
-    assert modeling._compiles(torch.empty(8, 128, 768, dtype=torch.bfloat16))
-    # float32: the compiled path only while autograd records (docs/performance.md)
+    assert modeling._compiled_mode(torch.empty(1, 4, 768, dtype=torch.bfloat16)) is None
+    assert modeling._compiled_mode(torch.empty(8, 128, 768, dtype=torch.bfloat16)) == "infer"
     weight = torch.ones(768, requires_grad=True)
-    assert not modeling._compiles(torch.empty(8, 128, 768)) and modeling._compiles(torch.empty(8, 128, 768), weight)
+    assert modeling._compiled_mode(torch.empty(8, 128, 768)) is None
+    assert modeling._compiled_mode(torch.empty(8, 128, 768), weight) == "train"
     with torch.no_grad():
-        assert not modeling._compiles(torch.empty(8, 128, 768), weight)
+        assert modeling._compiled_mode(torch.empty(8, 128, 768), weight) is None
 
 
 def test_a_failed_compilation_falls_back_to_eager_with_one_log_line(monkeypatch, caplog):
-    def broken(kernel):
-        def fail(*args):
-            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
-
-        return fail
+    def broken(*args):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
 
     monkeypatch.setattr(modeling, "_compile", broken)
     monkeypatch.setattr(modeling, "_COMPILED", {})
-    x, weight, bias = inputs(torch.bfloat16, shape=(4, 33, 96))
+    x, weight, bias = inputs(torch.bfloat16, shape=SHAPE)
     with caplog.at_level(logging.WARNING):
         outputs = [rms_norm(x, weight, bias, EPS), crms(x), rms_norm(x, weight, bias, EPS)]
     records = [record for record in caplog.records if record.name == "prenorm_convert.modeling"]
@@ -208,16 +252,12 @@ def test_environment_opt_out(monkeypatch, value, on):
     fresh = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fresh)
     assert fresh._COMPILE["on"] is on
-    assert fresh._compiles(torch.empty(8, 128, 768, dtype=torch.bfloat16)) is on
+    assert (fresh._compiled_mode(torch.empty(8, 128, 768, dtype=torch.bfloat16)) == "infer") is on
 
 
 @SLOW
 def test_without_a_cpp_compiler_one_log_line_and_the_eager_norms(tmp_path):
     """A real failure: no C++ compiler (CXX points nowhere) and an empty inductor cache."""
-    import os
-    import subprocess
-    import sys
-
     code = (
         "import torch; from prenorm_convert.modeling import rms_norm, PrenormCRMSNorm\n"
         "x = torch.randn(256, 768).to(torch.bfloat16)\n"
