@@ -6,7 +6,10 @@ Three variants run in one process on the same inputs:
 - ``converted``: the folder written by prenorm-convert, loaded with its own remote code
   (``verification.load_converted``), so the norms are the shipped ``PrenormRMSNorm``/``CRMSNorm``;
 - ``norm_free``: the original with every LayerNorm replaced by identity — a lower bound that no
-  normalization can beat (it computes a different function; it is only a clock).
+  normalization can beat (it computes a different function; it is only a clock);
+- ``converted_compiled`` (only when asked, ``compiled_norms``): the converted model again, with its
+  remote code's compiled CPU norms switched on while it runs (PRENORM_COMPILE=1; docs/performance.md
+  "Compiled CPU norms"), so compiled and eager norms are compared in the same interleaved rounds.
 
 Machines drift (frequency, other processes), so the variants are interleaved: every round times
 each variant once, in an order that rotates from round to round. The report gives, per variant,
@@ -25,6 +28,7 @@ import inspect
 import os
 import platform
 import statistics
+import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
@@ -58,6 +62,7 @@ class BenchSettings:
     decode_prompt: int = 32
     decode_batch: int = 1
     train: bool = False
+    compiled_norms: bool = False
     seed: int = 0
 
 
@@ -97,9 +102,35 @@ class Variant:
     context: Callable[[], object]  # entered around each timed call (untimed)
 
 
-def load_variants(original: str | Path, converted: str | Path, dtype: torch.dtype, device: torch.device, placed: dict) -> list[Variant]:
-    """The three variants, on ``device``, or spread by accelerate (``placed``: devices.placement's
-    keywords, when a device map was asked for)."""
+class CompiledNorms:
+    """Switches the compiled CPU norms of a converted model's remote code on while active.
+
+    The switch is the ``_COMPILE`` dict of the module that defines the model's norm classes (the
+    folder's modeling_prenorm.py, as transformers loaded it)."""
+
+    def __init__(self, model: nn.Module):
+        block = model.config.prenorm
+        norms = [model.get_submodule(path) for path in block["norms"]]
+        remote = sys.modules[type(norms[0]).__module__] if norms else None
+        self.switch = getattr(remote, "_COMPILE", None)
+        if self.switch is None:
+            raise BadInputError("the converted folder's remote code has no compiled norms (written by an older prenorm-convert?)")
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        before = self.switch["on"]
+        self.switch["on"] = True
+        try:
+            yield
+        finally:
+            self.switch["on"] = before
+
+
+def load_variants(
+    original: str | Path, converted: str | Path, dtype: torch.dtype, device: torch.device, placed: dict, compiled_norms: bool = False
+) -> list[Variant]:
+    """The three variants (four with ``compiled_norms``), on ``device``, or spread by accelerate
+    (``placed``: devices.placement's keywords, when a device map was asked for)."""
     from .verification import load_converted, load_original
 
     def put(model):
@@ -109,11 +140,15 @@ def load_variants(original: str | Path, converted: str | Path, dtype: torch.dtyp
     norm_free = NormFree(original_model)
     if not norm_free.norms:
         raise BadInputError(f"'{original}' has no LayerNorm modules; is it the original Pre-LN checkpoint?")
-    return [
+    converted_model = put(load_converted(converted, dtype=dtype, **placed))
+    variants = [
         Variant("original", original_model, nullcontext),
-        Variant("converted", put(load_converted(converted, dtype=dtype, **placed)), nullcontext),
+        Variant("converted", converted_model, nullcontext),
         Variant("norm_free", original_model, norm_free.active),
     ]
+    if compiled_norms:
+        variants.append(Variant("converted_compiled", converted_model, CompiledNorms(converted_model).active))
+    return variants
 
 
 # -- timing -------------------------------------------------------------------------------------
@@ -276,12 +311,13 @@ def measure_norm_share(variants: list[Variant], batch: int, seq: int, settings: 
     also estimated as 1 + (norms_converted - norms_original) / prefill_original: a far steadier
     number than the end-to-end ratio on a busy machine, because the norms are timed alone."""
     inputs = feed(batch, seq)
-    measured = [variant for variant in variants if variant.name in ("original", "converted")]
+    measured = [variant for variant in variants if variant.name in ("original", "converted", "converted_compiled")]
     norm_times: dict[str, list[float]] = {variant.name: [] for variant in measured}
     for round_index in range(settings.rounds):
-        for variant in measured[round_index % 2 :] + measured[: round_index % 2]:
+        shift = round_index % len(measured)
+        for variant in measured[shift:] + measured[:shift]:
             timer = NormTimer(norm_modules(variant), device)
-            with timer.active(), torch.inference_mode():
+            with variant.context(), timer.active(), torch.inference_mode():
                 variant.model(**inputs, **_logits_to_keep(variant.model))
             norm_times[variant.name].append(timer.total)
     seconds = {name: {"min": min(values), "median": statistics.median(values), "all": values} for name, values in norm_times.items()}
@@ -392,7 +428,7 @@ def benchmark(
     torch_dtype = _resolve_dtype(dtype, converted)
     load_before = _load_average()
     with reporter.step("loading the original and the converted model"):
-        variants = load_variants(original, converted, torch_dtype, torch_device, placed)
+        variants = load_variants(original, converted, torch_dtype, torch_device, placed, settings.compiled_norms)
     torch_device = input_device(variants[0].model)  # with a device map: where the first module is
     config = variants[0].model.config
     feed = bench_feed(spec, config, torch_dtype, torch_device, settings.seed)
@@ -418,11 +454,11 @@ def benchmark(
     with reporter.step("timing the norms alone"):
         norms = measure_norm_share(variants, largest["batch"], largest["seq"], settings, feed, torch_device)
     prefill_original = largest["seconds"]["original"]["median"]
-    for name in ("original", "converted"):
+    for name in norms["norm_seconds"]:
         norms[f"share_of_prefill_{name}"] = norms["norm_seconds"][name]["median"] / largest["seconds"][name]["median"]
-    norms["estimated_converted_over_original"] = 1 + (
-        norms["norm_seconds"]["converted"]["median"] - norms["norm_seconds"]["original"]["median"]
-    ) / prefill_original
+        if name != "original":
+            estimate = 1 + (norms["norm_seconds"][name]["median"] - norms["norm_seconds"]["original"]["median"]) / prefill_original
+            norms["estimated_converted_over_original" + name.removeprefix("converted")] = estimate
     train = None
     if settings.train:
         batch, seq = max(settings.batch_sizes), max(settings.seq_lens)
@@ -441,7 +477,7 @@ def benchmark(
         "load_average_before": load_before,
         "load_average_after": _load_average(),
         "settings": asdict(settings),
-        "variants": list(VARIANTS),
+        "variants": [variant.name for variant in variants],
         "prefill": prefill,
         "decode": decode,
         "norms": norms,

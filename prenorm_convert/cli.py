@@ -553,14 +553,19 @@ def _int_list(text: str, option: str) -> tuple[int, ...]:
 
 
 def print_bench(result: dict) -> None:
+    names = [name for name in ("original", "converted", "converted_compiled", "norm_free") if name in result["variants"]]
+    compared = names[1:]
     table = Table(title=Text(f"{result['converted']} vs {result['original']} ({result['device']}, {result['dtype']}, {result['threads']} threads)"))
-    for column in ("measurement", "original", "converted", "norm-free", "converted / original", "norm-free / original"):
-        table.add_column(column, justify="right")
+    table.add_column("measurement", justify="right")
+    for name in names:
+        table.add_column(name.replace("_", " "), justify="right")
+    for name in compared:
+        table.add_column(f"{name.replace('_', ' ')} / original", justify="right")
 
     def row(label: str, block: dict, scale: float = 1e3, unit: str = "ms") -> None:
         seconds, ratios = block["seconds"], block["ratio_to_original"]
-        cells = [f"{seconds[name]['min'] * scale:.2f} / {seconds[name]['median'] * scale:.2f} {unit}" for name in ("original", "converted", "norm_free")]
-        cells += [f"{ratios[name]['of_min']:.3f} / {ratios[name]['median_of_rounds']:.3f}" for name in ("converted", "norm_free")]
+        cells = [f"{seconds[name]['min'] * scale:.2f} / {seconds[name]['median'] * scale:.2f} {unit}" for name in names]
+        cells += [f"{ratios[name]['of_min']:.3f} / {ratios[name]['median_of_rounds']:.3f}" for name in compared]
         table.add_row(label, *cells)
 
     for point in result["prefill"]:
@@ -571,13 +576,17 @@ def print_bench(result: dict) -> None:
     if result["train"]:
         row(f"train step {result['train']['batch']}×{result['train']['seq']}", result["train"])
     stderr.print(table)
-    norms = result["norms"]
-    stderr.print(
-        f"norms alone at {norms['batch']}×{norms['seq']}: original {norms['norm_seconds']['original']['median'] * 1e3:.2f} ms "
-        f"({norms['share_of_prefill_original']:.2%} of prefill), converted {norms['norm_seconds']['converted']['median'] * 1e3:.2f} ms "
-        f"({norms['share_of_prefill_converted']:.2%}); estimated converted / original {norms['estimated_converted_over_original']:.4f}"
-    )
+    _print_norm_share(result["norms"])
     stderr.print("times: min / median over rounds; ratios: of the minimums / median of per-round ratios (below 1 is faster)")
+
+
+def _print_norm_share(norms: dict) -> None:
+    parts = [
+        f"{name} {norms['norm_seconds'][name]['median'] * 1e3:.2f} ms ({norms[f'share_of_prefill_{name}']:.2%} of prefill)"
+        for name in norms["norm_seconds"]
+    ]
+    estimates = [f"{key.removeprefix('estimated_')} {value:.4f}" for key, value in norms.items() if key.startswith("estimated_")]
+    stderr.print(f"norms alone at {norms['batch']}×{norms['seq']}: {', '.join(parts)}; estimated {', '.join(estimates)}")
 
 
 @app.command()
@@ -595,6 +604,9 @@ def bench(
     rounds: int = typer.Option(5, help="Timed rounds; each times every variant once, order rotating."),
     decode_tokens: int = typer.Option(32, help="Tokens decoded one at a time with a KV cache (0: skip)."),
     train: bool = typer.Option(False, "--train", help="Also time a training step (forward + backward) at the largest prefill shape."),
+    compiled_norms: bool = typer.Option(
+        False, "--compiled-norms", help="Also time the converted model with its compiled CPU norms on (PRENORM_COMPILE=1; variant converted_compiled)."
+    ),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the measurements here ('-' for stdout)."),
     quiet: bool = QuietOption,
 ):
@@ -616,6 +628,7 @@ def bench(
             rounds=rounds,
             decode_tokens=decode_tokens,
             train=train,
+            compiled_norms=compiled_norms,
         )
         result = benchmark(
             original, converted, device=device, device_map=device_map, dtype=dtype, threads=threads, settings=settings, reporter=_reporter(quiet)

@@ -49,10 +49,10 @@ def rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor | None, bias: tor
     row (``row_scale``), then the scale and γ, β applied in place on that copy, and one rounding
     back to the input's dtype, as LayerNorm's kernel rounds once. Out of place when autograd
     records, which cannot differentiate in-place writes of this kind. Every call costs a few
-    microseconds inside a model, so the per-row work is kept to the fewest calls. Large bf16/fp16
-    inputs, and float32 ones while autograd records, take the same function compiled by
-    torch.compile (``_rms_kernel``; ``_compiles`` says when): one generated kernel that reads each
-    row twice (its sum of squares, then the result) and makes no float32 copy.
+    microseconds inside a model, so the per-row work is kept to the fewest calls. With
+    PRENORM_COMPILE=1, large bf16/fp16 inputs, and float32 ones while autograd records, take the
+    same function compiled (``_rms_kernel``; ``_compiled_mode`` says when): one generated kernel
+    that reads each row twice (its sum of squares, then the result) and makes no float32 copy.
     """
     if hidden_states.device.type != "cpu":
         out = nn.functional.rms_norm(hidden_states, (hidden_states.shape[-1],), weight, eps)
@@ -126,16 +126,17 @@ def _epsilon(eps: float, like: torch.Tensor) -> torch.Tensor:
 
 # -- compiled CPU norms (docs/performance.md "Compiled CPU norms") --------------------------------
 
-# Which calls take a compiled kernel (``_compiled_mode``): bf16/fp16 CPU inputs of at least
-# INFERENCE_MIN_ELEMENTS run an AOTInductor package (inductor's code compiled ahead of time: its
-# call costs a fraction of torch.compile's); while autograd records, inputs of at least
-# COMPILE_MIN_ELEMENTS in these dtypes and float32 run torch.compile (differentiable, its backward
-# beats the eager one). PRENORM_COMPILE=0 keeps every norm eager.
+# Which calls take a compiled kernel (``_compiled_mode``), once PRENORM_COMPILE=1 turns the
+# compiled norms on (off by default: docs/performance.md "Compiled CPU norms" says why):
+# bf16/fp16 CPU inputs of at least INFERENCE_MIN_ELEMENTS run an AOTInductor package (inductor's
+# code compiled ahead of time: its call costs a fraction of torch.compile's); while autograd
+# records, inputs of at least COMPILE_MIN_ELEMENTS in these dtypes and float32 run torch.compile
+# (differentiable). Everything else, and every call when the switch is off, runs eager.
 COMPILED_DTYPES = (torch.bfloat16, torch.float16)
 COMPILED_TRAINING_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 INFERENCE_MIN_ELEMENTS = 1 << 16
 COMPILE_MIN_ELEMENTS = 1 << 17
-_COMPILE = {"on": os.environ.get("PRENORM_COMPILE", "1").strip().lower() not in ("0", "false", "no", "off")}
+_COMPILE = {"on": os.environ.get("PRENORM_COMPILE", "0").strip().lower() in ("1", "true", "yes", "on")}
 _COMPILED: dict = {}
 _LOG = logging.getLogger("prenorm_convert.modeling")
 
