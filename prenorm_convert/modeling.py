@@ -184,6 +184,9 @@ def _run_compiled(mode: str, kernel, hidden_states: torch.Tensor, *args) -> torc
     # the rows as a tensor of their own, not a view: torch.compile would guard on the sizes of a
     # view's base, and recompile for a batch or a sequence of one
     rows = torch.ops.aten._unsafe_view(hidden_states.contiguous(), (-1, hidden_states.shape[-1]))
+    width = rows.shape[1]
+    if not all(arg is None or (arg.device.type == "cpu" and arg.shape in ((width,), (1,))) for arg in args):
+        return None  # the eager path reports the caller's mistake; compiling stays on
     try:
         compiled = _COMPILED.get(key) or _COMPILED.setdefault(key, _compile(mode, kernel, rows, args))
         out = compiled(rows, *args)

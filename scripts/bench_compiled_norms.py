@@ -11,6 +11,7 @@ process.
 
     python scripts/bench_compiled_norms.py                    # 2 threads, bf16 and float32
     python scripts/bench_compiled_norms.py --rows 512 --calls 400 --json norms.json
+    python scripts/bench_compiled_norms.py --skip-micro         # the compile cost alone
 """
 
 from __future__ import annotations
@@ -146,6 +147,7 @@ def main() -> None:
     parser.add_argument("--evict-mib", type=int, default=16, help="buffer copied before each call in the 'evicted' runs")
     parser.add_argument("--dtypes", default="bfloat16,float32")
     parser.add_argument("--skip-compile-cost", action="store_true")
+    parser.add_argument("--skip-micro", action="store_true", help="only the compile cost")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     args.dtypes = args.dtypes.split(",")
@@ -156,7 +158,7 @@ def main() -> None:
         "shape": [args.rows, args.d],
         "load_average_before": os.getloadavg(),
         "compile_cost": None if args.skip_compile_cost else compile_cost(args),
-        "micro": micro(args),
+        "micro": None if args.skip_micro else micro(args),
         "load_average_after": os.getloadavg(),
     }
     if args.json:

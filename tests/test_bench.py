@@ -84,3 +84,29 @@ def test_cli_bench_bad_input(gpt2_dir, converted_dir, tmp_path):
     assert result.exit_code == 2 and "missing" in result.stderr
     result = run_cli("bench", gpt2_dir, converted_dir, "--seq-lens", "100000", "--quiet")
     assert result.exit_code == 2 and "positions" in result.stderr
+
+
+def test_compiled_norms_variant_switches_the_remote_code_on_only_while_it_runs(gpt2_dir, converted_dir, tmp_path):
+    """--compiled-norms adds converted_compiled: the same converted model, its remote code's
+    compiled norms on while it is timed (the tiny model's norms stay below the size thresholds, so
+    nothing compiles here), off again afterwards."""
+    from prenorm_convert.bench import CompiledNorms
+    from prenorm_convert.verification import load_converted
+
+    switches = CompiledNorms(load_converted(converted_dir, dtype=torch.float32))
+    before = switches.switch["on"]
+    with switches.active():
+        assert switches.switch["on"] is True
+    assert switches.switch["on"] is before
+    path = tmp_path / "bench.json"
+    result = run_cli(
+        "bench", gpt2_dir, converted_dir, "--batch-sizes", "2", "--seq-lens", "4", "--rounds", "2", "--decode-tokens", "2",
+        "--threads", "1", "--compiled-norms", "--train", "--json", path, "--quiet",
+    )
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(path.read_text())
+    assert report["variants"] == ["original", "converted", "norm_free", "converted_compiled"]
+    for block in (report["prefill"][0], report["decode"], report["train"]):
+        assert set(block["ratio_to_original"]) == {"converted", "norm_free", "converted_compiled"}
+    assert set(report["norms"]["norm_seconds"]) == {"original", "converted", "converted_compiled"}
+    assert report["norms"]["estimated_converted_over_original_compiled"] > 0

@@ -303,6 +303,16 @@ def test_what_stays_on_the_eager_path(monkeypatch):
         assert modeling._compiled_mode(torch.empty(8, 128, 768), weight) is None
 
 
+def test_a_callers_mistake_is_reported_by_the_eager_path_and_compiling_stays_on(monkeypatch):
+    """A γ of another width never reaches the compilers (whose failure would switch them off)."""
+    monkeypatch.setattr(modeling, "_compile", lambda *args: pytest.fail("compiled for a wrong γ"))
+    x, weight, bias = (tensor.requires_grad_(True) for tensor in inputs(torch.bfloat16, shape=SHAPE))
+    for recording in (torch.enable_grad, torch.inference_mode):
+        with recording(), pytest.raises(RuntimeError):
+            rms_norm(x, weight[:50], bias, EPS)
+    assert modeling._COMPILE["on"]
+
+
 def test_a_failed_compilation_falls_back_to_eager_with_one_log_line(monkeypatch, caplog):
     def broken(*args):
         raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
