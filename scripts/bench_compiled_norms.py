@@ -93,7 +93,7 @@ def micro(args) -> list[dict]:
     rows = []
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
-        for kind in KINDS:
+        for kind in args.kinds:
             for backward in (False, True):
                 for caches in ("warm", "evicted"):
                     calls = norm_calls(kind, dtype, args.rows, args.d, backward)
@@ -146,11 +146,12 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--evict-mib", type=int, default=16, help="buffer copied before each call in the 'evicted' runs")
     parser.add_argument("--dtypes", default="bfloat16,float32")
+    parser.add_argument("--kinds", default=",".join(KINDS), help=f"some of {','.join(KINDS)}")
     parser.add_argument("--skip-compile-cost", action="store_true")
     parser.add_argument("--skip-micro", action="store_true", help="only the compile cost")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
-    args.dtypes = args.dtypes.split(",")
+    args.dtypes, args.kinds = args.dtypes.split(","), args.kinds.split(",")
     torch.set_num_threads(args.threads)
     report = {
         "torch": torch.__version__,
