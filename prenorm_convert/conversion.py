@@ -86,6 +86,8 @@ def converted_config(source: SourceCheckpoint, plan: ConversionPlan, source_name
         "centered_at_lookup": plan.centered_at_lookup,
         # modules whose input stream the converted model centres (a stream no weight can centre)
         "stream_entries": plan.stream_entries,
+        # stem norms (a LayerNorm on the stream itself) kept, their output centred by the converted model
+        "centered_stems": plan.centered_stems,
         # embeddings and writers whose outputs are centred while the model trains (docs/training.md)
         "train_centered": plan.train_centered,
         "train_centered_parameters": plan.train_centered_parameters,

@@ -105,6 +105,12 @@ def _notes(plan) -> list[str]:
             f"the config ties {plan.spec.head} to the embedding, but the checkpoint stores it with other values, "
             "which transformers keeps apart when loading (it warns); converted that way, and written untied"
         )
+    if plan.centered_stems:
+        notes.append(
+            f"{', '.join(plan.centered_stems)} (a LayerNorm on the residual stream itself) is kept, with its table, γ "
+            "and β as they are: the converted model centres its output, so fine-tuning trains them as the original "
+            "does; the stock class needs no such step (its LayerNorms ignore the mean)"
+        )
     if plan.removed:
         notes.append(
             f"{', '.join(plan.removed)} (a LayerNorm on the residual stream itself) is baked into the embedding table "

@@ -58,6 +58,7 @@ def swaps_block(plan) -> dict:
         "removed": plan.removed,
         "resized": plan.resized,
         "stream_entries": plan.stream_entries,
+        "centered_stems": plan.centered_stems,
     }
 
 

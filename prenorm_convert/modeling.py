@@ -407,6 +407,20 @@ class _CenterAtLookup:
         return center_rows_hook(module, args, output)
 
 
+class PrenormCenteredLayerNorm(nn.LayerNorm):
+    """A stem norm (a LayerNorm on the stream itself: BLOOM's word_embeddings_layernorm) kept as the
+    original's, its output centred over the features: that output is where the stream starts
+    (docs/math.md "Stem norms: a norm on the main branch itself"). Its γ, β and the table it reads
+    train as the original's do. Computed in float32 (float64 stays), rounded once."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        work = hidden_states.to(torch.promote_types(hidden_states.dtype, torch.float32))
+        weight = None if self.weight is None else self.weight.to(work.dtype)
+        bias = None if self.bias is None else self.bias.to(work.dtype)
+        out = nn.functional.layer_norm(work, self.normalized_shape, weight, bias, self.eps)
+        return (out - out.mean(-1, keepdim=True)).to(hidden_states.dtype)
+
+
 class _CenterAtEntry:
     """Forward pre-hook of the first layer of a stream whose start no stored weight can centre
     (Whisper's encoder: GELU(conv) + positions): the stream entering it, centred over its d features
@@ -456,6 +470,10 @@ def apply_prenorm_swaps(model: nn.Module, block: dict) -> None:
         _set_submodule(model, path, nn.Identity())
     for path in block.get("centered_at_lookup", []):
         model.get_submodule(path).register_forward_hook(_CenterAtLookup(model))
+    for path in block.get("centered_stems", []):
+        old = model.get_submodule(path)
+        stem = PrenormCenteredLayerNorm(old.normalized_shape, eps=old.eps, bias=old.bias is not None)
+        _set_submodule(model, path, stem.to(old.weight.device, old.weight.dtype) if old.weight.device.type != "meta" else stem)
     for path in block.get("stream_entries", []):
         model.get_submodule(path).register_forward_pre_hook(_CenterAtEntry(block), with_kwargs=True)
     for path in block.get("train_centered", []):

@@ -78,6 +78,11 @@ class _Planner:
         self.norms: dict[str, dict] = {}
         self.biased: list[str] = []
         self.removed: list[str] = []
+        # rmsnorm: a stem norm stays, computed and then centred by the converted model (docs/math.md
+        # "Stem norms: a norm on the main branch itself"); its table, γ and β are the original's
+        self.keep_stems = target == "rmsnorm"
+        self.centered_stems: list[str] = []
+        self.stem_tables: list[str] = []
 
     # names -------------------------------------------------------------------------------
     def has(self, name: str) -> bool:
@@ -148,7 +153,8 @@ class _Planner:
         shared = head_is_table and bool({spec.head, spec.head_tied_to} & rewritten)
         stem_tables = {stem.embedding for stem in spec.stem_norms}
         # a stock architecture the output lands in cannot centre at lookup: there the table is stored centred
-        keep = shared and not self.untie_head and self.target == "rmsnorm" and spec.head_tied_to not in stem_tables and spec.lands_in is None
+        stem_baked = spec.head_tied_to in stem_tables and not self.keep_stems
+        keep = shared and not self.untie_head and self.target == "rmsnorm" and not stem_baked and spec.lands_in is None
         return shared and not keep, config_tied and not head_is_table, keep
 
     def _plan_embeddings(self) -> None:
@@ -160,6 +166,9 @@ class _Planner:
                 name = f"{module}.weight"
                 steps: list[tuple[str, dict]] = []
                 inputs = {"x": self.key(name)}
+                if module in stem_embeddings and self.keep_stems:
+                    self._plan_kept_stem(stem_embeddings[module], inputs)
+                    continue
                 if self.tie_kept and module == spec.head_tied_to:
                     # stored once, as it is: the converted model centres its rows at lookup
                     self.add(name, "embedding", inputs, [("identity", {})])
@@ -175,6 +184,16 @@ class _Planner:
                 if compress:
                     steps += self._compressed("feature")
                 self.add(name, "embedding", inputs, steps)
+
+    def _plan_kept_stem(self, stem, inputs: dict[str, str]) -> None:
+        """The table, γ and β of a stem norm the converted model computes, stored as they are."""
+        gamma, beta = self.norm_params(stem.norm)
+        self.add(f"{stem.embedding}.weight", "embedding", inputs, [("identity", {})])
+        for name in (gamma, beta):
+            if name:
+                self.add(name, "norm", {"x": self.key(name)}, [("identity", {})])
+        self.centered_stems.append(stem.norm)
+        self.stem_tables.append(stem.embedding)
 
     def _plan_stream_parameters(self) -> None:
         """Parameters whose last axis is the stream (ViT's cls_token, position_embeddings): centred
@@ -288,7 +307,9 @@ class _Planner:
             ops=self._ordered(landing),
             dropped=dropped,
             untied_head=tied,
-            centered_at_lookup=[self.spec.head_tied_to] if self.tie_kept else [],
+            centered_at_lookup=[self.spec.head_tied_to] if self.tie_kept and self.spec.head_tied_to not in self.stem_tables else [],
+            centered_stems=self.centered_stems,
+            stem_tables=self.stem_tables,
             head_stored_apart=head_stored_apart,
             norms=self.norms if landing is None else {landing.renamed(norm): entry for norm, entry in self.norms.items()},
             biased=self.biased,

@@ -62,6 +62,9 @@ class ConversionPlan:
     # modules whose input stream the converted model centres (docs/math.md "Streams centred at
     # entry"); the stock class's LayerNorms need no centring
     stream_entries: list[str] = field(default_factory=list)
+    # stem norms the converted model computes and then centres (rmsnorm), and the tables they read
+    centered_stems: list[str] = field(default_factory=list)
+    stem_tables: list[str] = field(default_factory=list)
 
     @property
     def residual_width(self) -> int:
@@ -97,7 +100,8 @@ class ConversionPlan:
         if self.target != "rmsnorm" or self.landing is not None:
             return []
         modules = [op.name.rsplit(".", 1)[0] for op in self.ops if op.role in ("embedding", "writer") and op.name.endswith(".weight")]
-        return [module for module in modules if module not in self.centered_at_lookup]
+        # a table read by a stem norm stays as it is: the norm's centred output is the stream
+        return [module for module in modules if module not in self.centered_at_lookup and module not in self.stem_tables]
 
     @property
     def train_centered_parameters(self) -> list[str]:

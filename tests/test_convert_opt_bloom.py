@@ -102,7 +102,8 @@ def test_converted_checkpoint_matches_original(converted, name, options):
     src, out = converted(name, options)
     compared = assert_equivalent(src, out, remote=True)
     print(f"{name} {' '.join(options) or 'rmsnorm'}: relative max |Δlogit| {compared['relative_error']:.3e}")
-    assert norm_types(compared["converted"]) == {"PrenormRMSNorm"}, "no LayerNorm may remain"
+    stem = {"PrenormCenteredLayerNorm"} if name.startswith("bloom") else set()  # BLOOM's stem norm, kept and centred
+    assert norm_types(compared["converted"]) == {"PrenormRMSNorm"} | stem, "no LayerNorm may remain on the stream"
     report = json.loads((out / "conversion_report.json").read_text())
     assert report["passed"] and report["greedy_match"]["identical"]
     assert report["greedy_match"]["tokens_compared"] >= 32
@@ -167,26 +168,37 @@ def test_opt_projected_embeds_outside_the_residual_stream(converted, source):
     assert info["untie_head"] is False and info["requires_remote_code"] is False
 
 
-def test_bloom_embedding_layernorm_is_baked_and_removed(converted):
+def test_bloom_embedding_layernorm_is_kept_centred_on_rmsnorm_and_baked_for_crmsnorm(converted):
     src, out = converted("bloom")
     original = load(src, remote=False)
     written = tensors(out)
-    assert not [key for key in written if "word_embeddings_layernorm" in key]
-    table = original.transformer.word_embeddings.weight.double()
-    norm = original.transformer.word_embeddings_layernorm
-    baked = torch.nn.functional.layer_norm(table, (table.shape[-1],), norm.weight.double(), norm.bias.double(), norm.eps)
-    expected = baked - baked.mean(-1, keepdim=True)
-    torch.testing.assert_close(written["transformer.word_embeddings.weight"].double(), expected, rtol=0, atol=1e-6)
-    assert torch.equal(written["lm_head.weight"], original.transformer.word_embeddings.weight)
+    # rmsnorm: the table, γ and β stored as they are, the head still tied; the converted model centres
+    # the stem's output; the stock class computes the same function (its LayerNorms ignore the mean)
+    table, norm = original.transformer.word_embeddings.weight, original.transformer.word_embeddings_layernorm
+    assert torch.equal(written["transformer.word_embeddings.weight"], table) and "lm_head.weight" not in written
+    assert torch.equal(written["transformer.word_embeddings_layernorm.weight"], norm.weight)
     config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "bloom" and config["tie_word_embeddings"] is True
+    assert config["prenorm"]["removed"] == [] and config["prenorm"]["requires_remote_code"] is False
+    assert config["prenorm"]["centered_stems"] == ["transformer.word_embeddings_layernorm"]
+    assert type(load(out, remote=True).transformer.word_embeddings_layernorm).__name__ == "PrenormCenteredLayerNorm"
+    assert_equivalent(src, out, remote=False)
+    # crmsnorm: baked into the table (centred, d-1 wide) and removed; the head untied, from the original table
+    _, compressed = converted("bloom", ("--target", "crmsnorm"))
+    written = tensors(compressed)
+    assert not [key for key in written if "word_embeddings_layernorm" in key]
+    table = table.double()
+    baked = torch.nn.functional.layer_norm(table, (table.shape[-1],), norm.weight.double(), norm.bias.double(), norm.eps)
+    expected = (baked - baked.mean(-1, keepdim=True))[:, :-1]
+    torch.testing.assert_close(written["transformer.word_embeddings.weight"].double(), expected, rtol=0, atol=1e-6)
+    assert written["lm_head.weight"].shape == (table.shape[0], table.shape[1] - 1), "the head written untied, reading d-1 features"
+    config = json.loads((compressed / "config.json").read_text())
     assert config["model_type"] == "prenorm_bloom" and config["tie_word_embeddings"] is False
     assert config["prenorm"]["removed"] == ["transformer.word_embeddings_layernorm"]
-    assert config["prenorm"]["requires_remote_code"] is True
-    model = load(out, remote=True)
-    assert isinstance(model.transformer.word_embeddings_layernorm, torch.nn.Identity)
+    assert isinstance(load(compressed, remote=True).transformer.word_embeddings_layernorm, torch.nn.Identity)
     with pytest.raises(ValueError, match="trust_remote_code"):
-        transformers.AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=False)
-    card = " ".join((out / "README.md").read_text().split())
+        transformers.AutoModelForCausalLM.from_pretrained(str(compressed), trust_remote_code=False)
+    card = " ".join((compressed / "README.md").read_text().split())
     assert "`trust_remote_code=True` is required" in card
     assert "transformer.word_embeddings_layernorm was baked into the embedding table" in card
 
@@ -196,8 +208,8 @@ def test_legacy_keys_are_written_in_the_current_style(converted, name, prefixes)
     _, out = converted(name)
     names = set(tensors(out))
     assert names and all(key.startswith(prefixes) for key in names), sorted(names)[:5]
-    # OPT's tied head stays tied (one table); BLOOM's table has its stem norm baked in, so its head is untied
-    assert ("lm_head.weight" in names) == (name == "bloom-legacy")
+    # the tied head stays tied (one table): OPT's centred at lookup, BLOOM's read by its kept stem norm
+    assert "lm_head.weight" not in names
 
 
 # -- refusals -------------------------------------------------------------------------------
@@ -294,17 +306,20 @@ def test_families_lists_opt_and_bloom_with_their_refusals():
     assert text.exit_code == 0 and "opt" in text.stdout and "bloom" in text.stdout
 
 
-def test_inspect_says_bloom_needs_remote_code_and_opt_does_not(source):
+def test_inspect_says_what_bloom_needs_and_opt_does_not(source):
     bloom = json.loads(run_cli("inspect", source("bloom"), "--json").stdout)
-    assert bloom["family"] == "bloom" and bloom["requires_remote_code"] is True
-    assert bloom["modules_removed"] == ["transformer.word_embeddings_layernorm"]
-    assert any("baked into the embedding table" in note for note in bloom["notes"])
-    assert any("trust_remote_code=True" in note for note in bloom["notes"])
-    assert bloom["changes"]["embedding: bake the stem LayerNorm, center rows"] == 1
+    assert bloom["family"] == "bloom" and bloom["requires_remote_code"] is False and bloom["modules_removed"] == []
+    assert any("is kept, with its table" in note for note in bloom["notes"])
+    compressed = json.loads(run_cli("inspect", source("bloom"), "--target", "crmsnorm", "--json").stdout)
+    assert compressed["requires_remote_code"] is True
+    assert compressed["modules_removed"] == ["transformer.word_embeddings_layernorm"]
+    assert any("baked into the embedding table" in note for note in compressed["notes"])
+    assert any("trust_remote_code=True" in note for note in compressed["notes"])
+    assert any(change.startswith("embedding: bake the stem LayerNorm, center rows") for change in compressed["changes"])
     opt = json.loads(run_cli("inspect", source("opt"), "--json").stdout)
     assert opt["family"] == "opt" and opt["requires_remote_code"] is False and opt["untie_head"] is False
     assert opt["changes"]["embedding: center rows"] == 1, "positions centred; the tied token table is centred at lookup"
     legacy = json.loads(run_cli("inspect", source("bloom-legacy"), "--json").stdout)
     assert legacy["hidden_size"] == 48 and legacy["num_layers"] == 2
-    text = run_cli("inspect", source("bloom"))
+    text = run_cli("inspect", source("bloom"), "--target", "crmsnorm")
     assert text.exit_code == 0 and "modules removed" in text.stdout and "trust_remote_code" in text.stdout

@@ -50,12 +50,12 @@ def test_tied_config_converts_what_transformers_loads(tmp_path, family, stored):
     report = json.loads(result.stdout)
     assert report["passed"] and report["greedy_match"]["identical"] and report["top1_agreement"] == 1.0
     config = json.loads((out / "config.json").read_text())
-    # a tied table stays tied (centred at lookup), except BLOOM's, whose stem norm is baked into it;
-    # a head stored with other values is kept apart, as transformers loads it
-    kept = stored != "both, different" and family != "bloom"
-    assert config["tie_word_embeddings"] is kept
-    assert config["prenorm"]["untied_head"] == (stored != "both, different" and family == "bloom")
-    assert config["prenorm"]["centered_at_lookup"] == ([TABLES[family].removesuffix(".weight")] if kept else [])
+    # a tied table stays tied (centred at lookup; BLOOM's is read by its kept stem norm, which centres
+    # its output); a head stored with other values is kept apart, as transformers loads it
+    kept = stored != "both, different"
+    assert config["tie_word_embeddings"] is kept and config["prenorm"]["untied_head"] is False
+    lookup = [TABLES[family].removesuffix(".weight")] if kept and family != "bloom" else []
+    assert config["prenorm"]["centered_at_lookup"] == lookup
     info = json.loads(run_cli("inspect", src, "--json").stdout)
     apart = [note for note in info["notes"] if "stores it with other values" in note]
     assert bool(apart) == (stored == "both, different")

@@ -14,6 +14,7 @@ from prenorm_convert.examples import build_checkpoint
 DROPOUT_OFF = {
     "gpt2": {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
     "opt": {"dropout": 0.0, "attention_dropout": 0.0, "layerdrop": 0.0},
+    "bloom": {"hidden_dropout": 0.0, "attention_dropout": 0.0},
 }
 STEPS = 12
 
@@ -66,7 +67,7 @@ def relative(a, b) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-@pytest.mark.parametrize("family", ["gpt2", "opt"])
+@pytest.mark.parametrize("family", ["gpt2", "opt", "bloom"])  # BLOOM: its stem norm trains as the original's
 def test_fine_tuning_the_converted_model_is_fine_tuning_the_original(converted, family, tmp_path):
     src, out = converted(family)
     original, candidate = load64(src, family, remote=False), load64(out, family, remote=True)
@@ -141,6 +142,7 @@ LORA_TARGETS = {
     # readers and writers: GPT-2's fused qkv, both c_proj writers (attention and MLP), the MLP's input
     "gpt2": {"target_modules": ["c_attn", "c_proj", "c_fc"], "fan_in_fan_out": True},
     "opt": {"target_modules": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]},
+    "bloom": {"target_modules": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]},
 }
 
 
@@ -151,7 +153,7 @@ def with_lora(model, family: str, **extra):
     return peft.get_peft_model(model, config)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "opt"])
+@pytest.mark.parametrize("family", ["gpt2", "opt", "bloom"])
 def test_lora_on_readers_and_writers_is_exact_and_survives_save_load_and_merge(converted, family, tmp_path):
     peft = pytest.importorskip("peft", reason="peft is in the `train` extra")
     src, out = converted(family)
