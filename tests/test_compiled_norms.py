@@ -4,9 +4,8 @@ path itself: modeling._rms_kernel and _crms_kernel, run as an AOTInductor packag
 ("infer") and through torch.compile while autograd records ("train").
 
 Compiling costs seconds to a minute on this project's 2-core machine (docs/performance.md
-"Compiled CPU norms"), so the default run compiles one function, the training kernel of RMSNorm
-with γ and β in bf16, shared by its tests (``compiler_works``); everything that needs another
-compiled kernel, the AOTInductor packages of inference included, is marked slow (-m slow). Every
+"Compiled CPU norms"), so every test that compiles a kernel is marked slow (-m slow); the default
+run keeps the kernels' formula in float64, the fallback, the switch and what stays eager. Every
 test here lowers the size thresholds so that small inputs take the compiled path, and lets float32
 take it in inference too.
 """
@@ -60,7 +59,10 @@ def compiler_works():
     modeling._COMPILE["on"] = before
 
 
-COMPILES = pytest.mark.usefixtures("compiler_works")
+def COMPILES(test):
+    """A test that compiles a kernel: opt-in (-m slow), as the compiled norms are (a first compile
+    takes 25-50 s on a machine with an empty inductor cache, more than the default run can give)."""
+    return SLOW(pytest.mark.usefixtures("compiler_works")(test))
 
 
 def graphs() -> int:
