@@ -634,7 +634,22 @@ def _make_model_class(base_name: str, stock_config: bool) -> type:
         _before_save(self)
         return base.save_pretrained(self, *args, **kwargs)
 
-    namespace = {"__init__": __init__, "__module__": __name__, "config_class": config_class, "train": train, "save_pretrained": save_pretrained}
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        # transformers' Auto classes map a config class to the first remote class they loaded for it
+        # in a process: CLIPTextModel and CLIPTextModelWithProjection share theirs, so a folder of
+        # the other architecture is handed to the class its config.json names
+        named = (getattr(kwargs.get("config"), "architectures", None) or [""])[0] or ""
+        named = named.removeprefix(STOCK_PREFIX).removeprefix(PREFIX)  # save_pretrained records PrenormX
+        other = getattr(transformers, named, None) if named and named != base_name else None
+        if other is not None and getattr(other, "config_class", None) is base.config_class:
+            return prenorm_class((STOCK_PREFIX if stock_config else PREFIX) + named).from_pretrained(*args, **kwargs)
+        return super(model_class, cls).from_pretrained(*args, **kwargs)
+
+    namespace = {
+        "__init__": __init__, "__module__": __name__, "config_class": config_class, "train": train,
+        "save_pretrained": save_pretrained, "from_pretrained": from_pretrained,
+    }
     model_class = type(name, (base,), namespace)
     if stock_config:
         # a stock config's model keeps the stock class name: pipeline() accepts a model by its class

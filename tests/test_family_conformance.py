@@ -117,6 +117,8 @@ ENCODER_CASES = [
     Case("esm-rotary", "esm", inner_norms={"LayerNorm": 1}),
     Case("esm-absolute-untied", "esm", {"position_embedding_type": "absolute", "tie_word_embeddings": False}, inner_norms={"LayerNorm": 1}, bf16=False),
     Case("clip_text", "clip_text_model"),
+    # CLIPTextModel's config class and Auto class: both load in one process (modeling's from_pretrained)
+    Case("clip_text-projection", "clip_text_model", auto_class="CLIPTextModelWithProjection", bf16=False),
     # two streams: the encoder's, centred where it enters its first layer, and the decoder's
     Case("whisper", "whisper"),
 ]
