@@ -67,7 +67,8 @@ class _Planner:
         check_streams(model, [(view, self.d, view.num_layers(settings)) for view in self.views])
         self.params = dict(model.named_parameters(remove_duplicate=False))
         # persistent buffers a checkpoint may store (ESM's rotary inv_freq): copied when stored, never required
-        self.buffers = {name: b for name, b in model.named_buffers() if name in set(model.state_dict()) and name not in self.params}
+        persistent = set(model.state_dict())
+        self.buffers = {name: b for name, b in model.named_buffers() if name in persistent and name not in self.params}
         tensors = {**self.buffers, **self.params}
         self.stored = map_stored_keys(source, self.spec, model, tensors, self.most_layers)
         check_float_dtypes([self.source.tensors[key] for key in self.stored.values()], self.dtype)
