@@ -11,6 +11,7 @@ code wherever the stock class suffices, and a bf16 source must pass the default 
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -113,6 +114,8 @@ ENCODER_CASES = [
     Case("dinov2", "dinov2"),  # LayerScale λ far from 1
     # the SwiGLU MLP's input projections stored as one weights_in, split by transformers at load
     Case("dinov2-swiglu", "dinov2", {"use_swiglu_ffn": True}, bf16=False),
+    # the classifier reads the final norm's CLS row and mean patch row: that norm is an output norm
+    Case("dinov2-classifier", "dinov2", {"num_labels": 5}, bf16=False, auto_class="Dinov2ForImageClassification"),
     # the tied head reads the head's own norm (an inner norm); token dropout
     Case("esm-rotary", "esm", inner_norms={"LayerNorm": 1}),
     Case("esm-absolute-untied", "esm", {"position_embedding_type": "absolute", "tie_word_embeddings": False}, inner_norms={"LayerNorm": 1}, bf16=False),
@@ -241,7 +244,7 @@ def _encoder_inputs(model) -> list[dict]:
         larger = {"pixel_values": torch.randn((1, 3, 24, 24), generator=generator)}
         if config.model_type == "vit":
             larger["interpolate_pos_encoding"] = True
-        else:
+        elif "bool_masked_pos" in inspect.signature(model.forward).parameters:
             batches.append({**batches[0], "bool_masked_pos": torch.rand((2, 16), generator=generator) < 0.3})
         return batches + [larger]
     ids = torch.randint(2, config.vocab_size, (2, 12), generator=generator)
