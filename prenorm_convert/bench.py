@@ -41,7 +41,7 @@ from torch import nn
 from .checkpoint import check_path_encoding
 from .errors import BadInputError
 from .devices import placement, resolve_device
-from .model_io import bench_feed, compared_output, image_positions
+from .model_io import compared_output, forward_feed, image_positions
 from .streaming import input_device
 from .progress import SILENT, Reporter
 from .verification import check_pair
@@ -431,7 +431,7 @@ def benchmark(
         variants = load_variants(original, converted, torch_dtype, torch_device, placed, settings.compiled_norms)
     torch_device = input_device(variants[0].model)  # with a device map: where the first module is
     config = variants[0].model.config
-    feed = bench_feed(spec, config, torch_dtype, torch_device, settings.seed)
+    feed = forward_feed(spec, config, torch_dtype, torch_device, settings.seed)
     if spec.inputs == "image":  # the sequence is the image's patches: its length is the model's
         settings = replace(settings, seq_lens=(image_positions(config),), decode_tokens=0)
     elif not spec.causal:  # nothing decodes token by token

@@ -60,7 +60,6 @@ SHAPES = {
     "whisper": {"d_model": 64, "encoder_layers": 2, "decoder_layers": 3, "encoder_attention_heads": 4, "decoder_attention_heads": 4,
                 "encoder_ffn_dim": 128, "decoder_ffn_dim": 128, "num_mel_bins": 8, "max_source_positions": 16, "max_target_positions": 64},
 }
-IMAGE_FAMILIES = ("vit", "dinov2")
 
 
 def build_tokenizer(folder: Path, vocab_size: int = 384):
@@ -121,11 +120,14 @@ def build_checkpoint(
     built by ``auto_class`` (default: the one the family's spec names)."""
     import transformers
 
+    from .meta_model import from_config
+
     transformers.utils.logging.disable_progress_bar()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    spec = _family_spec(family)
     settings = dict(SHAPES[family])
-    if family not in IMAGE_FAMILIES:
+    if spec is None or spec.inputs != "image":
         vocab_size, special = 384, {}
         if tokenizer:
             built = build_tokenizer(folder)
@@ -138,18 +140,19 @@ def build_checkpoint(
             settings.update(pad_token_id=special.get("eos_token_id", 0), decoder_start_token_id=special.get("bos_token_id", 0))
     config = transformers.AutoConfig.for_model(family, **{**settings, **(overrides or {})})
     torch.manual_seed(seed)
-    loader = getattr(transformers, auto_class or _spec_auto_class(family))
-    model = loader.from_config(config) if loader.__name__.startswith("Auto") else loader._from_config(config)
+    loader = getattr(transformers, auto_class or (spec.auto_class if spec else "AutoModelForCausalLM"))
+    model = from_config(loader, config)
     perturb(model, seed)
     model.to(dtype)
     model.save_pretrained(str(folder), max_shard_size=max_shard_size)
     return model.eval()
 
 
-def _spec_auto_class(family: str) -> str:
+def _family_spec(family: str):
+    """The first spec of a model_type (its default architecture), or None."""
     from .spec_loader import load_specs
 
-    return next((spec.auto_class for spec in load_specs() if family in spec.model_types), "AutoModelForCausalLM")
+    return next((spec for spec in load_specs() if family in spec.model_types), None)
 
 
 def strip_prefix(folder: str | Path, prefix: str, extra: dict[str, torch.Tensor] | None = None) -> None:

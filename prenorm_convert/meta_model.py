@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .errors import BadInputError, UnsupportedModelError
+from .model_io import forward_feed
 from .spec_loader import config_object
 
 
@@ -34,13 +35,17 @@ def model_class(config: dict, spec):
     return getattr(transformers, named[0]) if named else auto_class(spec.auto_class)
 
 
+def from_config(loader, config):
+    """A model built from a config object by an Auto class or by a model class itself."""
+    return loader.from_config(config) if loader.__name__.startswith("Auto") else loader._from_config(config)
+
+
 def build_meta_model(config: dict, spec):
     """The stock transformers model for this config, on the meta device (no memory)."""
     built = config_object(config)
-    loader = model_class(config, spec)
     try:
         with torch.device("meta"):
-            return loader.from_config(built) if loader.__name__.startswith("Auto") else loader._from_config(built)
+            return from_config(model_class(config, spec), built)
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BadInputError(f"transformers cannot build a model from this config.json ({reason}); fix or re-download it") from None
@@ -62,19 +67,6 @@ def swaps_block(plan) -> dict:
     }
 
 
-def fake_inputs(model: nn.Module, spec) -> dict:
-    """A batch of one, on the meta device, of what the family's models take."""
-    config = model.config
-    if spec.inputs == "image":
-        size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
-        return {"pixel_values": torch.zeros((1, config.num_channels, size, size), device="meta")}
-    if spec.inputs == "audio":
-        features = torch.zeros((1, config.num_mel_bins, 2 * config.max_source_positions), device="meta")
-        return {"input_features": features, "decoder_input_ids": torch.zeros((1, 3), dtype=torch.long, device="meta")}
-    inputs = {"input_ids": torch.zeros((1, 3), dtype=torch.long, device="meta")}
-    return {**inputs, "use_cache": False} if spec.causal else inputs
-
-
 def check_resized_forward(model: nn.Module, plan) -> None:
     """Run one forward pass of the resized architecture of ``plan`` (a plan.ConversionPlan) with fake
     tensors (no memory, no data).
@@ -94,7 +86,8 @@ def check_resized_forward(model: nn.Module, plan) -> None:
         fake_tensor_log.setLevel(logging.CRITICAL)
         try:
             with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
-                model(**fake_inputs(model, plan.spec))
+                # a batch of one, three positions long, of what the family's models take
+                model(**forward_feed(plan.spec, model.config, torch.float32, "meta", 0)(1, 3))
         finally:
             fake_tensor_log.setLevel(level)
 

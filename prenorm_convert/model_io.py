@@ -36,13 +36,10 @@ def model_output(model, inputs: torch.Tensor) -> torch.Tensor:
     (an encoder-decoder's audio features and decoder token ids) as keywords; the
     logits come out, or the last hidden state when the model has no head. An output with no
     positions axis (an image classifier's logits) gets one position."""
+    if not isinstance(inputs, dict):
+        inputs = {"pixel_values" if inputs.is_floating_point() else "input_ids": inputs}
     device = input_device(model)
-    if isinstance(inputs, dict):  # an encoder-decoder: audio features and the decoder's token ids
-        output = model(**{key: value.to(device, model.dtype if value.is_floating_point() else None) for key, value in inputs.items()})
-    elif inputs.is_floating_point():
-        output = model(pixel_values=inputs.to(device, model.dtype))
-    else:
-        output = model(input_ids=inputs.to(device))
+    output = model(**{key: value.to(device, model.dtype if value.is_floating_point() else None) for key, value in inputs.items()})
     value = compared_output(output)
     return value if value.dim() == 3 else value[:, None, :]
 
@@ -53,23 +50,29 @@ def compared_output(output) -> torch.Tensor:
     return output.last_hidden_state if value is None else value
 
 
+def image_size(config) -> tuple[int, int]:
+    """(height, width) of the images a vision model's config is made for."""
+    size = config.image_size
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
 def image_positions(config) -> int:
     """Positions a vision transformer's stream has for one image of its configured size: its
     patches and the class token."""
-    size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
-    return (size // config.patch_size) ** 2 + 1
+    height, width = image_size(config)
+    return (height // config.patch_size) * (width // config.patch_size) + 1
 
 
-def bench_feed(spec, config, dtype: torch.dtype, device, seed: int):
-    """For ``bench``: (batch, sequence length) -> the keyword inputs of one forward pass of the
-    family's models, seeded: token ids (a causal LM without its cache), images of the configured size
-    (the length is the model's own), or audio features with the decoder's token ids."""
+def forward_feed(spec, config, dtype: torch.dtype, device, seed: int):
+    """(batch, sequence length) -> the keyword inputs of one forward pass of the family's models,
+    seeded (``bench``, and planning's forward pass on fake tensors): token ids (a causal LM without
+    its cache), images of the configured size (the length is the model's own), or audio features
+    with the decoder's token ids."""
 
     def feed(batch: int, seq: int) -> dict:
         generator = torch.Generator().manual_seed(seed)
         if spec.inputs == "image":
-            size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
-            pixels = torch.randn((batch, config.num_channels, size, size), generator=generator)
+            pixels = torch.randn((batch, config.num_channels, *image_size(config)), generator=generator)
             return {"pixel_values": pixels.to(device, dtype)}
         ids = torch.randint(0, config.vocab_size, (batch, seq), generator=generator).to(device)
         if spec.inputs == "audio":
@@ -83,10 +86,8 @@ def bench_feed(spec, config, dtype: torch.dtype, device, seed: int):
 def image_inputs(original: str | Path, config) -> list[torch.Tensor]:
     """Seeded random pixel values [channels, height, width] of the size the checkpoint's image
     processor crops to (preprocessor_config.json), or the model's image_size without one."""
-    height = width = _processor_size(Path(original))
-    if height is None:
-        size = config.image_size
-        height, width = (size, size) if isinstance(size, int) else tuple(size)
+    cropped = _processor_size(Path(original))
+    height, width = (cropped, cropped) if cropped is not None else image_size(config)
     generator = torch.Generator().manual_seed(0)
     return [torch.randn((config.num_channels, height, width), generator=generator) for _ in range(RANDOM_IMAGES)]
 

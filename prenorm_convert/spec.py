@@ -213,7 +213,6 @@ class FamilySpec:
     layer_scales: tuple[LayerScale, ...] = ()
     entry: StreamEntry | None = None
     streams: tuple[ExtraStream, ...] = ()
-    stream_name: str = "main"
     source_file: str = field(default="", compare=False)
     # after resolve(): role -> the templates switched off by the config (check_structure: such a
     # module is absent, active in another role, or off the residual stream)
@@ -264,7 +263,6 @@ class FamilySpec:
                 replace(
                     self,
                     streams=(),
-                    stream_name=stream.name,
                     config_keys={**self.config_keys, "num_layers": stream.num_layers},
                     embeddings=stream.embeddings,
                     stream_parameters=stream.stream_parameters,

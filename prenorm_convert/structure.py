@@ -104,9 +104,9 @@ def check_structure(model: nn.Module, spec: FamilySpec, d: int, num_layers: int)
     """``spec`` (resolved for this model's config) describes its stream of ``model``; returns what it
     declares (check_streams checks that nothing is left undeclared)."""
     embeddings = {path for template in spec.embeddings for path in expand(template, num_layers)}
-    if spec.entry is not None:  # the modules that build a stream centred at entry stay as they are
-        embeddings |= set(spec.entry.fed_by)
-    for path in sorted(embeddings - set(spec.entry.fed_by if spec.entry else ())):
+    # the modules that build a stream centred at entry: declared, left as they are
+    fed_by = set(spec.entry.fed_by) if spec.entry is not None else set()
+    for path in sorted(embeddings):
         module = module_at(model, path, spec)
         if not isinstance(module, nn.Embedding) or module.embedding_dim != d:
             raise UnsupportedModelError(f"{spec.source_file}: '{path}' is not a {d}-wide embedding ({module})")
@@ -121,6 +121,7 @@ def check_structure(model: nn.Module, spec: FamilySpec, d: int, num_layers: int)
     for path in sorted(inner):
         if not any(is_norm_like(m, spec) for m in module_at(model, path, spec).modules()):
             raise UnsupportedModelError(f"{spec.source_file}: inner norm '{path}' holds no LayerNorm")
+    embeddings |= fed_by
     active = {"embedding": embeddings, "norm": stream_norms, "reader": readers, "writer": writers, "inner norm": inner}
     _check_switched_off(model, spec, d, num_layers, set().union(*active.values()) | {spec.head})
     parameters = _check_stream_parameters(model, spec, d, num_layers, writers)
