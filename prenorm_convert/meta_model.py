@@ -11,28 +11,8 @@ import torch
 from torch import nn
 
 from .errors import BadInputError, UnsupportedModelError
-from .model_io import forward_feed
+from .model_io import forward_feed, model_class
 from .spec_loader import config_object
-
-
-def auto_class(name: str):
-    """The transformers Auto class a spec names (AutoModelForCausalLM, AutoModel, ...)."""
-    import transformers
-
-    found = getattr(transformers, name, None)
-    if found is None:
-        raise UnsupportedModelError(f"the installed transformers has no {name}; this transformers version is not supported")
-    return found
-
-
-def model_class(config: dict, spec):
-    """The class transformers loads this checkpoint as: the architecture its config.json names, where
-    the spec accepts it and transformers has it (CLIPTextModelWithProjection, which AutoModel would
-    build as CLIPTextModel), else the spec's Auto class."""
-    import transformers
-
-    named = [arch for arch in config.get("architectures") or [] if arch in spec.architectures and hasattr(transformers, arch)]
-    return getattr(transformers, named[0]) if named else auto_class(spec.auto_class)
 
 
 def from_config(loader, config):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import UnsupportedModelError
 from .streaming import input_device
 
 CAUSAL = "AutoModelForCausalLM"
@@ -18,16 +19,35 @@ RANDOM_IMAGES = 4
 
 def folder_loader(path: str | Path):
     """The class a checkpoint folder loads with: for a converted folder the Auto class its auto_map
-    names, for an original the class its family's spec builds (meta_model.model_class)."""
+    names, for an original the class its family's spec builds (model_class)."""
     import transformers
 
     config = json.loads((Path(path) / "config.json").read_text())
     if "prenorm" in config:
         return getattr(transformers, next((name for name in config.get("auto_map", {}) if name != "AutoConfig"), CAUSAL))
-    from .meta_model import model_class
     from .spec_loader import match_spec
 
     return model_class(config, match_spec(config))
+
+
+def auto_class(name: str):
+    """The transformers Auto class a spec names (AutoModelForCausalLM, AutoModel, ...)."""
+    import transformers
+
+    found = getattr(transformers, name, None)
+    if found is None:
+        raise UnsupportedModelError(f"the installed transformers has no {name}; this transformers version is not supported")
+    return found
+
+
+def model_class(config: dict, spec):
+    """The class transformers loads this checkpoint as: the architecture its config.json names, where
+    the spec accepts it and transformers has it (CLIPTextModelWithProjection, which AutoModel would
+    build as CLIPTextModel), else the spec's Auto class."""
+    import transformers
+
+    named = [arch for arch in config.get("architectures") or [] if arch in spec.architectures and hasattr(transformers, arch)]
+    return getattr(transformers, named[0]) if named else auto_class(spec.auto_class)
 
 
 def model_output(model, inputs: torch.Tensor) -> torch.Tensor:
