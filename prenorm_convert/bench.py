@@ -324,12 +324,12 @@ def measure_norm_share(variants: list[Variant], batch: int, seq: int, settings: 
     return {"batch": batch, "seq": seq, "norm_seconds": seconds}
 
 
-def measure_train_step(variants: list[Variant], batch: int, seq: int, settings: BenchSettings, feed: Feed, device) -> dict:
+def measure_train_step(variants: list[Variant], batch: int, seq: int, settings: BenchSettings, feed: Feed, device, causal: bool) -> dict:
     """Forward + backward of the language-modelling loss, or for a model without one (an encoder, a
     vision model) of the mean square of its output (dropout off: the models stay in eval mode, so
     every variant computes the same kind of step). Gradients are dropped after each step."""
     inputs = feed(batch, seq)
-    labels = {"labels": inputs["input_ids"]} if "use_cache" in inputs else {}  # a causal LM
+    labels = {"labels": inputs["input_ids"]} if causal else {}
 
     def prepare(variant: Variant):
         model = variant.model
@@ -463,7 +463,7 @@ def benchmark(
     if settings.train:
         batch, seq = max(settings.batch_sizes), max(settings.seq_lens)
         with reporter.step(f"training step at {batch}×{seq}"):
-            train = measure_train_step(variants, batch, seq, settings, feed, torch_device)
+            train = measure_train_step(variants, batch, seq, settings, feed, torch_device, spec.causal)
     converted_block = variants[1].model.config.prenorm
     return {
         "original": str(original),
