@@ -386,11 +386,12 @@ def _resize_parameters(model: nn.Module, resized: dict) -> None:
             setattr(module, attribute, module.weight.shape[axis])
 
 
-def center_rows_hook(_module: nn.Module, _args, output: torch.Tensor) -> torch.Tensor:
-    """Rows centred over the features: the mean is taken in float32 (float64 stays) and subtracted
-    with one rounding, as a stored centred table would have been rounded once."""
+def center_rows_hook(_module: nn.Module, _args, output: torch.Tensor, axis: int = -1) -> torch.Tensor:
+    """Rows centred over the features (the last axis, or ``axis``): the mean is taken in float32
+    (float64 stays) and subtracted with one rounding, as a stored centred table would have been
+    rounded once."""
     work = output.to(torch.promote_types(output.dtype, torch.float32))
-    return (work - work.mean(-1, keepdim=True)).to(output.dtype)
+    return (work - work.mean(axis, keepdim=True)).to(output.dtype)
 
 
 class _CenterAtLookup:
@@ -518,7 +519,14 @@ class _TrainingCentering:
     def __call__(self, module: nn.Module, _args, output: torch.Tensor):
         if module.training or not hasattr(module, "base_layer") or not _centring_on(self.model):
             return None
-        return center_rows_hook(module, _args, output)
+        return center_rows_hook(module, _args, output, _feature_axis(module.base_layer))
+
+
+def _feature_axis(module: nn.Module) -> int:
+    """The axis of a writer's output that holds the stream's d features: a convolution's channels,
+    axis 1 (ViT's patch projection writes [batch, d, h, w]: docs/math.md "Stream parameters and
+    patch projections"), the last axis for linears and embeddings."""
+    return 1 if isinstance(module, nn.modules.conv._ConvNd) else -1
 
 
 def _install_training_centering(model: nn.Module, path: str) -> None:
@@ -560,6 +568,11 @@ def recenter_weights(model: nn.Module) -> None:
             module = model.get_submodule(path)
             for lora_b in getattr(module, "lora_B", {}).values():  # peft LoRA: the update B·A, centred
                 lora_b.weight.sub_(lora_b.weight.mean(0, keepdim=True))
+            # peft LoRA on an embedding keeps B [d, r] as a bare parameter: the rows it adds, (B·A)ᵀ,
+            # centred as a table's (docs/math.md "Embeddings"), so that merge_and_unload() writes a
+            # centred table (the eval hook centres an unmerged update, not a merged one)
+            for lora_b in getattr(module, "lora_embedding_B", {}).values():
+                lora_b.sub_(lora_b.mean(0, keepdim=True))
             module = getattr(module, "base_layer", module)
             weight = module.weight
             if isinstance(module, nn.Embedding):
