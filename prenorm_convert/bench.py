@@ -105,14 +105,16 @@ class Variant:
 class CompiledNorms:
     """Switches the compiled CPU norms of a converted model's remote code on while active.
 
-    The switch is the ``_COMPILE`` dict of the module that defines the model's norm classes (the
-    folder's modeling_prenorm.py, as transformers loaded it)."""
+    The switch is the ``_COMPILE`` dict of the module that defines the norm functions of the
+    model's remote code (the folder's norm_functions.py, as transformers loaded it beside
+    modeling_prenorm.py; the modeling file itself in folders written before that split)."""
 
     def __init__(self, model: nn.Module):
         block = model.config.prenorm
         norms = [model.get_submodule(path) for path in block["norms"]]
         remote = sys.modules[type(norms[0]).__module__] if norms else None
-        self.switch = getattr(remote, "_COMPILE", None)
+        functions = getattr(remote, "rms_norm", None)
+        self.switch = getattr(sys.modules.get(getattr(functions, "__module__", "")), "_COMPILE", None)
         if self.switch is None:
             raise BadInputError("the converted folder's remote code has no compiled norms (written by an older prenorm-convert?)")
 

@@ -29,7 +29,7 @@ _NOT_COPIED_SUFFIXES = (
     ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf",
     ".ot", ".tflite", ".mlmodel", ".pkl", ".pickle", ".joblib", ".npy", ".npz", ".nemo", ".tar", ".gz", ".zip",
 )
-_NOT_COPIED_NAMES = {"config.json", SAFE_INDEX, PICKLE_INDEX, "README.md", "conversion_report.json", "modeling_prenorm.py"}
+_NOT_COPIED_NAMES = {"config.json", SAFE_INDEX, PICKLE_INDEX, "README.md", "conversion_report.json", "modeling_prenorm.py", "norm_functions.py"}
 
 
 def is_side_file(name: str) -> bool:

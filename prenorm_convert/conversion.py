@@ -39,6 +39,9 @@ from .tolerances import Tolerances, failure_message
 from .verification import verify
 
 REMOTE_CODE_FILE = "modeling_prenorm.py"
+# the package modules written beside the weights when the output needs remote code, and their names
+# there (modeling.py imports norm_functions.py relatively; transformers copies both)
+REMOTE_CODE_FILES = {"modeling.py": REMOTE_CODE_FILE, "norm_functions.py": "norm_functions.py"}
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 BLOCK_BYTES = DEFAULT_BLOCK_BYTES  # float64 bytes per block of a row-wise op (tests make it tiny)
 
@@ -157,8 +160,8 @@ def copy_side_files(source: SourceCheckpoint, folder: Path) -> list[str]:
 
 
 def write_remote_code(folder: Path) -> None:
-    code = resources.files("prenorm_convert").joinpath("modeling.py").read_text()
-    (folder / REMOTE_CODE_FILE).write_text(code)
+    for module, name in REMOTE_CODE_FILES.items():
+        (folder / name).write_text(resources.files("prenorm_convert").joinpath(module).read_text())
 
 
 def convert(

@@ -32,7 +32,7 @@ KINDS = ("weight+bias", "weight", "weightless", "crmsnorm")
 
 def norm_calls(kind: str, dtype: torch.dtype, rows: int, d: int, backward: bool) -> dict:
     """name -> a call of one norm on the same input: compiled, eager, LayerNorm."""
-    from prenorm_convert import modeling
+    from prenorm_convert import modeling, norm_functions
 
     generator = torch.Generator().manual_seed(0)
     width = d - 1 if kind == "crmsnorm" else d
@@ -44,14 +44,14 @@ def norm_calls(kind: str, dtype: torch.dtype, rows: int, d: int, backward: bool)
     crms = modeling.PrenormCRMSNorm(d - 1, 1e-5)
 
     def norm():
-        return crms(x) if params is None else modeling.rms_norm(x, *params, 1e-5)
+        return crms(x) if params is None else norm_functions.rms_norm(x, *params, 1e-5)
 
     def layer_norm():
         return torch.nn.functional.layer_norm(x, (width,), *(params or (None, None)), 1e-5)
 
     def path(function, compiled):
         def call():
-            modeling._COMPILE["on"] = compiled
+            norm_functions._COMPILE["on"] = compiled
             out = function()
             if backward:
                 out.sum().backward()
@@ -86,9 +86,9 @@ def timed(calls: dict, count: int, backward: bool, evict: torch.Tensor | None) -
 
 
 def micro(args) -> list[dict]:
-    from prenorm_convert import modeling
+    from prenorm_convert import norm_functions
 
-    modeling.COMPILED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # float32 measured too
+    norm_functions.COMPILED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # float32 measured too
     evict = torch.zeros(args.evict_mib << 18)  # float32: 4 bytes each
     rows = []
     for dtype_name in args.dtypes:
@@ -106,18 +106,18 @@ def micro(args) -> list[dict]:
 FIRST_CALL = """
 import time, torch
 torch.set_num_threads({threads})
-from prenorm_convert import modeling
+from prenorm_convert import modeling, norm_functions
 x = torch.randn({rows}, {d}).to(torch.bfloat16)
 times = []
 for step in (
-    lambda: modeling.rms_norm(x, None, None, 1e-5),
+    lambda: norm_functions.rms_norm(x, None, None, 1e-5),
     lambda: modeling.PrenormCRMSNorm({d} - 1, 1e-5)(x[:, 1:]),
-    lambda: modeling.rms_norm(x.clone().requires_grad_(), None, None, 1e-5).sum().backward(),
+    lambda: norm_functions.rms_norm(x.clone().requires_grad_(), None, None, 1e-5).sum().backward(),
 ):
     start = time.perf_counter()
     step()
     times.append(time.perf_counter() - start)
-print(*times, sorted(key[:2] for key in modeling._COMPILED))
+print(*times, sorted(key[:2] for key in norm_functions._COMPILED))
 """
 
 

@@ -33,9 +33,10 @@ def run_cli(*args: str) -> CliResult:
     return CliResult(result.exit_code, result.stdout, result.stderr)
 
 
-def conversion_cache(tmp_path_factory, resolve_source: Callable[[str], Path]):
-    """Convert each (source name, options) once through the CLI, sharded small:
-    -> (source folder, output folder). resolve_source turns a name into the source folder."""
+def conversion_cache(tmp_path_factory, resolve_source: Callable[[str], Path], common: tuple[str, ...] = ()):
+    """Convert each (source name, options) once through the CLI, sharded small, with the options in
+    ``common`` added to every conversion: -> (source folder, output folder). resolve_source turns a
+    name into the source folder."""
     cache: dict = {}
 
     def get(name: str, options: tuple[str, ...] = ()):
@@ -43,7 +44,7 @@ def conversion_cache(tmp_path_factory, resolve_source: Callable[[str], Path]):
         if key not in cache:
             src = resolve_source(name)
             out = tmp_path_factory.mktemp("out") / "converted"
-            result = run_cli("convert", src, out, "--quiet", "--max-shard-size", "200KB", *options)
+            result = run_cli("convert", src, out, "--quiet", "--max-shard-size", "200KB", *common, *options)
             assert result.exit_code == 0, result.stderr
             cache[key] = (src, out)
         return cache[key]

@@ -1,6 +1,6 @@
 """The compiled CPU norms of the remote code (opt-in, PRENORM_COMPILE=1) against the formula of
 docs/math.md, with the bars tests/test_fast_norms.py sets for the eager path, and against the eager
-path itself: modeling._rms_kernel and _crms_kernel, run as an AOTInductor package in inference
+path itself: norm_functions._rms_kernel and _crms_kernel, run as an AOTInductor package in inference
 ("infer") and through torch.compile while autograd records ("train").
 
 Compiling costs seconds to a minute on this project's 2-core machine (docs/performance.md
@@ -22,8 +22,9 @@ import pytest
 import torch
 from test_fast_norms import AFFINE, EPS, inputs, reference
 
-from prenorm_convert import modeling
-from prenorm_convert.modeling import PrenormCRMSNorm, rms_norm
+from prenorm_convert import norm_functions
+from prenorm_convert.modeling import PrenormCRMSNorm
+from prenorm_convert.norm_functions import rms_norm
 
 COMPILED = (torch.bfloat16, torch.float16, torch.float32)
 SLOW = pytest.mark.slow
@@ -34,10 +35,10 @@ SHAPE = (4, 33, 96)
 
 @pytest.fixture(autouse=True)
 def compiled_path(monkeypatch):
-    monkeypatch.setitem(modeling._COMPILE, "on", True)
-    monkeypatch.setattr(modeling, "INFERENCE_MIN_ELEMENTS", 1)
-    monkeypatch.setattr(modeling, "COMPILE_MIN_ELEMENTS", 1)
-    monkeypatch.setattr(modeling, "COMPILED_DTYPES", COMPILED)
+    monkeypatch.setitem(norm_functions._COMPILE, "on", True)
+    monkeypatch.setattr(norm_functions, "INFERENCE_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(norm_functions, "COMPILE_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(norm_functions, "COMPILED_DTYPES", COMPILED)
 
 
 @pytest.fixture(scope="module")
@@ -45,18 +46,18 @@ def compiler_works():
     """Skip where no C++ compiler works (the fallback is tested below either way). It compiles the
     kernel the default run shares: RMSNorm with γ, β in bf16, forward and backward, every input
     requiring grad. The switch is left as the module found it."""
-    before = modeling._COMPILE["on"]
-    modeling._COMPILE["on"] = True
+    before = norm_functions._COMPILE["on"]
+    norm_functions._COMPILE["on"] = True
     leaves = [tensor.requires_grad_(True) for tensor in inputs(torch.bfloat16, shape=SHAPE)]
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(modeling, "COMPILE_MIN_ELEMENTS", 1)
+        patch.setattr(norm_functions, "COMPILE_MIN_ELEMENTS", 1)
         rms_norm(*leaves, EPS).sum().backward()
-    works = modeling._COMPILE["on"] and ("train", "_rms_kernel", torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.float32) in modeling._COMPILED
-    modeling._COMPILE["on"] = before
+    works = norm_functions._COMPILE["on"] and ("train", "_rms_kernel", torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.float32) in norm_functions._COMPILED
+    norm_functions._COMPILE["on"] = before
     if not works:
         pytest.skip("compiling does not work here: the eager norms are used")
     yield
-    modeling._COMPILE["on"] = before
+    norm_functions._COMPILE["on"] = before
 
 
 def COMPILES(test):
@@ -73,12 +74,12 @@ def graphs() -> int:
 
 def eager(function, *args):
     """The same call on the eager path."""
-    on = modeling._COMPILE["on"]
-    modeling._COMPILE["on"] = False
+    on = norm_functions._COMPILE["on"]
+    norm_functions._COMPILE["on"] = False
     try:
         return function(*args)
     finally:
-        modeling._COMPILE["on"] = on
+        norm_functions._COMPILE["on"] = on
 
 
 def crms(x):
@@ -110,7 +111,7 @@ def test_reduced_precision_rounds_once(dtype, label, use_weight, use_bias):
     with torch.inference_mode():
         out = rms_norm(x, weight, bias, EPS)
     key = ("infer", "_rms_kernel", dtype, weight if weight is None else dtype, bias if bias is None else dtype, torch.float32)
-    assert key in modeling._COMPILED and out.dtype == dtype
+    assert key in norm_functions._COMPILED and out.dtype == dtype
     assert_rounds_once(out, x, weight, bias)
 
 
@@ -121,7 +122,7 @@ def test_float32_within_float32_rounding(label, use_weight, use_bias):
     x, weight, bias = inputs(torch.float32, shape=SHAPE)
     weight, bias = (weight if use_weight else None), (bias if use_bias else None)
     out = rms_norm(x, weight, bias, EPS)
-    assert ("infer", "_rms_kernel", torch.float32) + (weight if weight is None else torch.float32,) in [key[:4] for key in modeling._COMPILED]
+    assert ("infer", "_rms_kernel", torch.float32) + (weight if weight is None else torch.float32,) in [key[:4] for key in norm_functions._COMPILED]
     scaled = reference(x, weight, None).abs()
     bound = 8 * torch.finfo(torch.float32).eps * (scaled + (bias.double().abs() if bias is not None else 0))
     assert torch.all((out.double() - reference(x, weight, bias)).abs() <= bound)
@@ -133,7 +134,7 @@ def test_float32_within_float32_rounding(label, use_weight, use_bias):
 def test_crmsnorm_is_accurate_to_the_output_rounding(dtype):
     x = inputs(dtype, shape=(4, 33, 95))[0]
     result, expected = crms(x), crms_reference(x)
-    assert result.dtype == dtype and ("infer", "_crms_kernel", dtype, torch.float32, torch.float32) in modeling._COMPILED
+    assert result.dtype == dtype and ("infer", "_crms_kernel", dtype, torch.float32, torch.float32) in norm_functions._COMPILED
     ulp = torch.finfo(dtype).eps
     assert torch.all((result.double() - expected).abs() <= ulp * expected.abs() + 2**-20)
 
@@ -144,9 +145,9 @@ def test_kernels_are_the_formula_in_float64(label, use_weight, use_bias):
     compilers then do to them is checked against the eager path below, in the dtypes they run in)."""
     x, weight, bias = inputs(torch.float64, shape=SHAPE)
     weight, bias = (weight if use_weight else None), (bias if use_bias else None)
-    out = modeling._rms_kernel(x, weight, bias, modeling._epsilon(EPS, x))
+    out = norm_functions._rms_kernel(x, weight, bias, norm_functions._epsilon(EPS, x))
     assert torch.allclose(out, reference(x, weight, bias), rtol=1e-13, atol=1e-13)
-    crms_out = modeling._crms_kernel(x, modeling._epsilon(EPS, x), modeling._epsilon(1 / (SHAPE[-1] + 1), x))
+    crms_out = norm_functions._crms_kernel(x, norm_functions._epsilon(EPS, x), norm_functions._epsilon(1 / (SHAPE[-1] + 1), x))
     assert torch.allclose(crms_out, crms_reference(x), rtol=1e-13, atol=1e-13)
 
 
@@ -174,7 +175,7 @@ def test_compiled_matches_the_eager_path(dtype):
     with torch.inference_mode():
         assert_matches_eager(rms_norm(x, weight, bias, EPS), eager(rms_norm, x, weight, bias, EPS), terms)
         assert_matches_eager(crms(narrow), eager(crms, narrow), crms_reference(narrow).abs())
-    assert ("infer", "_rms_kernel", dtype, dtype, dtype, torch.float32) in modeling._COMPILED
+    assert ("infer", "_rms_kernel", dtype, dtype, dtype, torch.float32) in norm_functions._COMPILED
 
 
 @SLOW
@@ -183,12 +184,12 @@ def test_one_package_serves_every_batch_and_sequence_length():
     """Inference: one AOTInductor package per kernel, dtype and pattern, whatever the shape."""
     _, weight, bias = inputs(torch.bfloat16, shape=SHAPE)
     rms_norm(inputs(torch.bfloat16, shape=SHAPE)[0], weight, bias, EPS)
-    packages = dict(modeling._COMPILED)
+    packages = dict(norm_functions._COMPILED)
     with torch.inference_mode():
         for batch, seq in ((1, 2), (3, 17), (8, 128), (5, 1)):
             x = inputs(torch.bfloat16, shape=(batch, seq, 96), seed=batch)[0]
             assert_rounds_once(rms_norm(x, weight, bias, EPS), x, weight, bias)
-    assert modeling._COMPILED == packages
+    assert norm_functions._COMPILED == packages
 
 
 @COMPILES
@@ -203,7 +204,7 @@ def test_no_recompiles_while_training_across_batch_and_sequence_lengths():
         x = inputs(torch.bfloat16, shape=(batch, seq, 96), seed=batch)[0].requires_grad_(True)
         rms_norm(x, weight, bias, EPS).sum().backward()
     assert (graphs(), sum(counters["recompiles"].values())) == before
-    assert sum(key[:3] == ("train", "_rms_kernel", torch.bfloat16) for key in modeling._COMPILED) == 1
+    assert sum(key[:3] == ("train", "_rms_kernel", torch.bfloat16) for key in norm_functions._COMPILED) == 1
 
 
 @SLOW
@@ -238,7 +239,7 @@ def test_inputs_the_package_was_not_made_for_are_handled():
     assert_rounds_once(rms_norm(strided_x, strided_weight, bias, EPS), x, weight, bias)
     with pytest.raises(RuntimeError):
         rms_norm(x, weight[:50], bias, EPS)
-    assert modeling._COMPILE["on"]
+    assert norm_functions._COMPILE["on"]
 
 
 @COMPILES
@@ -246,7 +247,7 @@ def test_inputs_the_package_was_not_made_for_are_handled():
 def test_weights_of_another_dtype_get_their_own_package():
     x, weight, bias = inputs(torch.bfloat16, shape=SHAPE)
     out = rms_norm(x, weight.float(), bias.float(), EPS)
-    assert ("infer", "_rms_kernel", torch.bfloat16, torch.float32, torch.float32, torch.float32) in modeling._COMPILED
+    assert ("infer", "_rms_kernel", torch.bfloat16, torch.float32, torch.float32, torch.float32) in norm_functions._COMPILED
     assert_rounds_once(out, x, weight, bias)
 
 
@@ -263,7 +264,7 @@ def test_gradients_match_the_eager_path(dtype):
         out = path(*leaves)
         out.backward(grad)
         results.append([out] + [leaf.grad for leaf in leaves])
-    assert ("train", "_rms_kernel", dtype, dtype, dtype, torch.float32) in modeling._COMPILED
+    assert ("train", "_rms_kernel", dtype, dtype, dtype, torch.float32) in norm_functions._COMPILED
     for compiled, slow in zip(*results):
         scale = slow.abs().max().double() if dtype == torch.float32 else slow.double().abs()
         tolerance = (64 * torch.finfo(dtype).eps if dtype == torch.float32 else torch.finfo(dtype).eps) * scale
@@ -289,45 +290,45 @@ def test_what_stays_on_the_eager_path(monkeypatch):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     x = inputs(torch.bfloat16, shape=(2, 3, 96))[0]
-    assert modeling._compiled_mode(x) == "infer" and modeling._compiled_mode(x.double()) is None
-    assert modeling._compiled_mode(x[:1, :1]) is None
+    assert norm_functions._compiled_mode(x) == "infer" and norm_functions._compiled_mode(x.double()) is None
+    assert norm_functions._compiled_mode(x[:1, :1]) is None
     with FakeTensorMode(allow_non_fake_inputs=True):
-        assert modeling._compiled_mode(torch.empty(2, 3, 96, dtype=torch.bfloat16)) is None
-    monkeypatch.setattr(modeling, "INFERENCE_MIN_ELEMENTS", 1 << 16)
-    monkeypatch.setattr(modeling, "COMPILE_MIN_ELEMENTS", 1 << 17)
-    monkeypatch.setattr(modeling, "COMPILED_DTYPES", (torch.bfloat16, torch.float16))
-    assert modeling._compiled_mode(torch.empty(1, 4, 768, dtype=torch.bfloat16)) is None
-    assert modeling._compiled_mode(torch.empty(8, 128, 768, dtype=torch.bfloat16)) == "infer"
+        assert norm_functions._compiled_mode(torch.empty(2, 3, 96, dtype=torch.bfloat16)) is None
+    monkeypatch.setattr(norm_functions, "INFERENCE_MIN_ELEMENTS", 1 << 16)
+    monkeypatch.setattr(norm_functions, "COMPILE_MIN_ELEMENTS", 1 << 17)
+    monkeypatch.setattr(norm_functions, "COMPILED_DTYPES", (torch.bfloat16, torch.float16))
+    assert norm_functions._compiled_mode(torch.empty(1, 4, 768, dtype=torch.bfloat16)) is None
+    assert norm_functions._compiled_mode(torch.empty(8, 128, 768, dtype=torch.bfloat16)) == "infer"
     weight = torch.ones(768, requires_grad=True)
-    assert modeling._compiled_mode(torch.empty(8, 128, 768)) is None
-    assert modeling._compiled_mode(torch.empty(8, 128, 768), weight) == "train"
+    assert norm_functions._compiled_mode(torch.empty(8, 128, 768)) is None
+    assert norm_functions._compiled_mode(torch.empty(8, 128, 768), weight) == "train"
     with torch.no_grad():
-        assert modeling._compiled_mode(torch.empty(8, 128, 768), weight) is None
+        assert norm_functions._compiled_mode(torch.empty(8, 128, 768), weight) is None
 
 
 def test_a_callers_mistake_is_reported_by_the_eager_path_and_compiling_stays_on(monkeypatch):
     """A γ of another width never reaches the compilers (whose failure would switch them off)."""
-    monkeypatch.setattr(modeling, "_compile", lambda *args: pytest.fail("compiled for a wrong γ"))
+    monkeypatch.setattr(norm_functions, "_compile", lambda *args: pytest.fail("compiled for a wrong γ"))
     x, weight, bias = (tensor.requires_grad_(True) for tensor in inputs(torch.bfloat16, shape=SHAPE))
     for recording in (torch.enable_grad, torch.inference_mode):
         with recording(), pytest.raises(RuntimeError):
             rms_norm(x, weight[:50], bias, EPS)
-    assert modeling._COMPILE["on"]
+    assert norm_functions._COMPILE["on"]
 
 
 def test_a_failed_compilation_falls_back_to_eager_with_one_log_line(monkeypatch, caplog):
     def broken(*args):
         raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
 
-    monkeypatch.setattr(modeling, "_compile", broken)
-    monkeypatch.setattr(modeling, "_COMPILED", {})
+    monkeypatch.setattr(norm_functions, "_compile", broken)
+    monkeypatch.setattr(norm_functions, "_COMPILED", {})
     x, weight, bias = inputs(torch.bfloat16, shape=SHAPE)
     with caplog.at_level(logging.WARNING):
         outputs = [rms_norm(x, weight, bias, EPS), crms(x), rms_norm(x, weight, bias, EPS)]
     records = [record for record in caplog.records if record.name == "prenorm_convert.modeling"]
     assert len(records) == 1 and "\n" not in records[0].getMessage()
     assert "eager" in records[0].getMessage() and "No working C++ compiler" in records[0].getMessage()
-    assert not modeling._COMPILE["on"]
+    assert not norm_functions._COMPILE["on"]
     assert torch.equal(outputs[0], eager(rms_norm, x, weight, bias, EPS))
     assert torch.equal(outputs[1], eager(crms, x))
 
@@ -339,7 +340,7 @@ def test_environment_opt_in(monkeypatch, value, on):
         monkeypatch.delenv("PRENORM_COMPILE", raising=False)
     else:
         monkeypatch.setenv("PRENORM_COMPILE", value)
-    spec = importlib.util.spec_from_file_location("modeling_prenorm_env_check", modeling.__file__)
+    spec = importlib.util.spec_from_file_location("modeling_prenorm_env_check", norm_functions.__file__)
     fresh = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fresh)
     assert fresh._COMPILE["on"] is on

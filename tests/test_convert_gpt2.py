@@ -67,10 +67,15 @@ def test_output_layout_index_side_files_and_the_head_kept_tied(converted, gpt2_d
     assert config["tie_word_embeddings"] is True, "a tied source stays tied"
     block = config["prenorm"]
     assert block["target"] == "rmsnorm" and block["untied_head"] is False and block["centered_at_lookup"] == ["transformer.wte"]
-    assert (out / "modeling_prenorm.py").exists()
-    imports = [line for line in (out / "modeling_prenorm.py").read_text().splitlines() if line.startswith(("import ", "from "))]
-    # remote code may need nothing beyond what loading the model needs anyway: torch, transformers, the standard library
-    assert all(line.split()[1].split(".")[0] in {"torch", "transformers"} | sys.stdlib_module_names for line in imports), imports
+    code_files = ("modeling_prenorm.py", "norm_functions.py")
+    assert all((out / name).exists() for name in code_files)
+    imports = [line for name in code_files for line in (out / name).read_text().splitlines() if line.startswith(("import ", "from "))]
+    # remote code may need nothing beyond what loading the model needs anyway: torch, transformers, the
+    # standard library, and the code files written beside it
+    relative = [line.split()[1] for line in imports if line.split()[1].startswith(".")]
+    assert relative == [".norm_functions"], relative
+    others = [line for line in imports if not line.split()[1].startswith(".")]
+    assert all(line.split()[1].split(".")[0] in {"torch", "transformers"} | sys.stdlib_module_names for line in others), imports
     # the table is stored once, as it is (the converted model centres its rows at lookup); no head of its own
     original = load(src, remote=False)
     assert "lm_head.weight" not in index["weight_map"]

@@ -1,4 +1,4 @@
-"""The fast RMSNorm path of the remote code (modeling.rms_norm) against the formula of docs/math.md.
+"""The fast RMSNorm path of the remote code (norm_functions.rms_norm) against the formula of docs/math.md.
 
 RMSNorm(x) = γ ⊙ x / sqrt(mean(x²) + ε) + β, evaluated here in float64 as the reference. The
 fast path must be that function for any input — including inputs that are not zero-mean, where
@@ -10,8 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prenorm_convert import modeling
-from prenorm_convert.modeling import PrenormCRMSNorm, PrenormRMSNorm, rms_norm
+from prenorm_convert import norm_functions
+from prenorm_convert.modeling import PrenormCRMSNorm, PrenormRMSNorm
+from prenorm_convert.norm_functions import rms_norm
 
 EPS = 1e-5
 
@@ -133,7 +134,7 @@ def test_cached_epsilon_survives_fake_tensors_and_inference_mode():
     or under inference_mode must not leave a cached tensor that breaks later real or autograd calls."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    modeling._EPSILONS.clear()
+    norm_functions._EPSILONS.clear()
     x, weight, bias = inputs(torch.float32)
     with FakeTensorMode(allow_non_fake_inputs=True):
         fake = rms_norm(torch.empty(3, 5, 48), None, None, EPS)
