@@ -54,20 +54,27 @@ def model_output(model, inputs: torch.Tensor) -> torch.Tensor:
     """The compared output for a batch [batch, positions, features]: token ids (integers) go in as
     input_ids, pixel values (floating point, cast to the model's dtype) as pixel_values, and a dict
     (an encoder-decoder's audio features and decoder token ids) as keywords; the
-    logits come out, or the last hidden state when the model has no head. An output with no
-    positions axis (an image classifier's logits) gets one position."""
+    logits come out, a masked image model's reconstruction, or the last hidden state when the model
+    has no head. An output with no positions axis (an image classifier's logits) gets one position;
+    an image ([batch, channels, height, width]) has one position per pixel, its channels the features."""
     if not isinstance(inputs, dict):
         inputs = {"pixel_values" if inputs.is_floating_point() else "input_ids": inputs}
     device = input_device(model)
     output = model(**{key: value.to(device, model.dtype if value.is_floating_point() else None) for key, value in inputs.items()})
     value = compared_output(output)
+    if value.dim() == 4:
+        return value.flatten(2).transpose(1, 2)
     return value if value.dim() == 3 else value[:, None, :]
 
 
 def compared_output(output) -> torch.Tensor:
-    """The logits, or the last hidden state of a model without a head."""
-    value = getattr(output, "logits", None)
-    return output.last_hidden_state if value is None else value
+    """The logits, a masked image model's reconstructed pixels, or the last hidden state of a model
+    without a head."""
+    for name in ("logits", "reconstruction"):
+        value = getattr(output, name, None)
+        if value is not None:
+            return value
+    return output.last_hidden_state
 
 
 def image_size(config) -> tuple[int, int]:
