@@ -94,13 +94,16 @@ def forward_feed(spec, config, dtype: torch.dtype, device, seed: int):
     """(batch, sequence length) -> the keyword inputs of one forward pass of the family's models,
     seeded (``bench``, and planning's forward pass on fake tensors): token ids (a causal LM without
     its cache), images of the configured size (the length is the model's own), or audio features
-    with the decoder's token ids."""
+    (the length the encoder takes), with the decoder's token ids where the model has a decoder."""
 
     def feed(batch: int, seq: int) -> dict:
         generator = torch.Generator().manual_seed(seed)
         if spec.inputs == "image":
             pixels = torch.randn((batch, config.num_channels, *image_size(config)), generator=generator)
             return {"pixel_values": pixels.to(device, dtype)}
+        if spec.inputs == "audio_features":
+            features = torch.randn((batch, config.num_mel_bins, 2 * config.max_source_positions), generator=generator)
+            return {"input_features": features.to(device, dtype)}
         ids = torch.randint(0, config.vocab_size, (batch, seq), generator=generator).to(device)
         if spec.inputs == "audio":
             features = torch.randn((batch, config.num_mel_bins, 2 * config.max_source_positions), generator=generator)
@@ -129,6 +132,24 @@ def audio_inputs(config, prompts: list[torch.Tensor]) -> list[dict]:
         {"input_features": torch.randn((config.num_mel_bins, frames), generator=generator), "decoder_input_ids": ids[:limit]}
         for ids in prompts
     ]
+
+
+def audio_feature_inputs(config) -> list[dict]:
+    """Seeded random log-mel features [mel bins, frames] of the length the encoder takes, alone (an
+    audio classifier has no decoder): as many as the random images of a vision model."""
+    generator = torch.Generator().manual_seed(0)
+    frames = 2 * config.max_source_positions
+    return [{"input_features": torch.randn((config.num_mel_bins, frames), generator=generator)} for _ in range(RANDOM_IMAGES)]
+
+
+def fixed_positions(spec, config) -> int | None:
+    """The sequence length of a model whose inputs fix it (an image's patches and class token, an
+    audio encoder's frames after its strided convolution), or None where the prompts set it."""
+    if spec.inputs == "image":
+        return image_positions(config)
+    if spec.inputs == "audio_features":
+        return config.max_source_positions
+    return None
 
 
 def _processor_size(folder: Path) -> int | None:

@@ -58,7 +58,7 @@ _OPTIONAL_SPEC_KEYS = {
     "streams": list,
     "may_be_absent": list,
 }
-INPUT_KINDS = ("text", "image", "audio")
+INPUT_KINDS = ("text", "image", "audio", "audio_features")
 
 
 def _parse_landing(where: str, data: Any) -> Landing | None:

@@ -11,6 +11,7 @@ code wherever the stock class suffices, and a bf16 source must pass the default 
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -132,6 +133,8 @@ ENCODER_CASES = [
     Case("whisper", "whisper"),
     # no head: both streams end in output norms (last_hidden_state, encoder_last_hidden_state)
     Case("whisper-model", "whisper", bf16=False, auto_class="WhisperModel"),
+    # the encoder alone, its stream centred at entry; the projector reads the final norm (before a mean)
+    Case("whisper-audio-classifier", "whisper", {"num_labels": 4, "classifier_proj_size": 24}, bf16=False, auto_class="WhisperForAudioClassification"),
 ]
 BY_ID = {case.id: case for case in CASES + ENCODER_CASES}
 TARGETS = {"rmsnorm": (), "fold-affine": ("--fold-affine",), "crmsnorm": ("--target", "crmsnorm")}
@@ -263,6 +266,8 @@ def _encoder_inputs(model) -> list[dict]:
         ids[0, 3] = ids[1, 5] = config.mask_token_id
     if config.model_type == "whisper":
         features = torch.randn((2, config.num_mel_bins, 2 * config.max_source_positions), generator=generator)
+        if "decoder_input_ids" not in inspect.signature(model.forward).parameters:  # an audio classifier
+            return [{"input_features": features}]
         return [{"input_features": features, "decoder_input_ids": ids, "decoder_attention_mask": mask}]
     return [{"input_ids": ids, "attention_mask": mask}]
 
@@ -292,7 +297,7 @@ def test_encoders_and_vision_models_are_equivalent_on_every_target(converted, ca
     assert set(stream_norms) <= expected and "LayerNorm" not in stream_norms, dict(stream_norms)
     report = json.loads((out / "conversion_report.json").read_text())
     assert report["passed"] and report["residual_mean_max"] < 1e-5 and report["greedy_match"]["identical"] is None
-    layers = sum(getattr(original.config, key, 0) for key in ("encoder_layers", "decoder_layers")) or original.config.num_hidden_layers
+    layers = sum(len(m) for name, m in original.named_modules() if isinstance(m, torch.nn.ModuleList) and name.rpartition(".")[2] in ("layer", "layers"))
     assert report["first_bad_layer"] is None and len(report["per_layer"]) == layers, "every layer of every stream audited, none off"
     # save_pretrained round trip: the converted class saves and reloads as itself
     model.save_pretrained(tmp_path / "saved")
@@ -312,14 +317,16 @@ def test_encoders_default_target_loads_as_the_stock_class(converted, case):
 
 
 @pytest.mark.parametrize(
-    ("model_type", "overrides", "reason"),
+    ("model_type", "overrides", "auto_class", "reason"),
     [
-        ("esm", {"emb_layer_norm_before": True}, "emb_layer_norm_before=true"),
+        ("esm", {"emb_layer_norm_before": True}, None, "emb_layer_norm_before=true"),
+        # the classifier reads a weighted sum of raw hidden states, which a conversion changes
+        ("whisper", {"use_weighted_layer_sum": True}, "WhisperForAudioClassification", "use_weighted_layer_sum=true"),
     ],
 )
-def test_refused_encoder_variants_say_why_and_write_nothing(tmp_path, model_type, overrides, reason):
+def test_refused_encoder_variants_say_why_and_write_nothing(tmp_path, model_type, overrides, auto_class, reason):
     src = tmp_path / "src"
-    build_checkpoint(src, model_type, overrides=overrides)
+    build_checkpoint(src, model_type, overrides=overrides, auto_class=auto_class)
     result = run_cli("convert", src, tmp_path / "out", "--quiet")
     assert result.exit_code == 2, result.stderr
     assert reason in result.stderr and "cannot convert" in result.stderr
