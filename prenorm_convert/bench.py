@@ -41,7 +41,7 @@ from torch import nn
 from .checkpoint import check_path_encoding
 from .errors import BadInputError
 from .devices import placement, resolve_device
-from .model_io import compared_output, forward_feed, image_positions
+from .model_io import compared_output, fixed_positions, forward_feed
 from .streaming import input_device
 from .progress import SILENT, Reporter
 from .verification import check_pair
@@ -434,12 +434,13 @@ def benchmark(
     torch_device = input_device(variants[0].model)  # with a device map: where the first module is
     config = variants[0].model.config
     feed = forward_feed(spec, config, torch_dtype, torch_device, settings.seed)
-    if spec.inputs == "image":  # the sequence is the image's patches: its length is the model's
-        settings = replace(settings, seq_lens=(image_positions(config),), decode_tokens=0)
+    fixed = fixed_positions(spec, config)
+    if fixed is not None:  # the sequence is the image's patches or the audio's frames: its length is the model's
+        settings = replace(settings, seq_lens=(fixed,), decode_tokens=0)
     elif not spec.causal:  # nothing decodes token by token
         settings = replace(settings, decode_tokens=0)
     vocab_size = getattr(config, "vocab_size", None)
-    max_positions = getattr(config, "max_position_embeddings", None) if spec.inputs != "image" else None
+    max_positions = getattr(config, "max_position_embeddings", None) if fixed is None else None
     longest = max(max(settings.seq_lens), settings.decode_prompt + settings.decode_tokens)
     if max_positions is not None and longest > max_positions:
         raise BadInputError(f"sequences of {longest} tokens exceed the model's {max_positions} positions")

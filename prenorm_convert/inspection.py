@@ -116,6 +116,11 @@ def _notes(plan) -> list[str]:
             f"{', '.join(plan.removed)} (a LayerNorm on the residual stream itself) is baked into the embedding table "
             "and removed from the converted architecture"
         )
+    if plan.not_stored:
+        notes.append(
+            f"the checkpoint does not store {', '.join(plan.not_stored)} (a backbone saved without it): transformers "
+            "initialises it afresh when loading the original and the converted model alike; nothing is written for it"
+        )
     if plan.landing is not None:
         notes.append(
             f"the output is a stock {plan.landing.architecture} (model_type {plan.landing.model_type}): with the stream "

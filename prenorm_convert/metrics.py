@@ -64,9 +64,17 @@ def logit_scale(logits: list[torch.Tensor]) -> float:
 
 
 def top_two_margins(logits: list[torch.Tensor]) -> torch.Tensor:
-    """Per position, how far the top logit is above the second (near ties may legitimately swap)."""
-    top = torch.cat([row.to(torch.float64).topk(2, dim=-1).values for row in logits])
-    return top[:, 0] - top[:, 1]
+    """Per position, how far the top logit is above the second (near ties may legitimately swap);
+    infinite where there is one logit (a regression head's, num_labels=1): nothing to swap with."""
+    margins = []
+    for row in logits:
+        row = row.to(torch.float64)
+        if row.shape[-1] < 2:
+            margins.append(torch.full(row.shape[:-1], math.inf, dtype=torch.float64))
+        else:
+            top = row.topk(2, dim=-1).values
+            margins.append(top[..., 0] - top[..., 1])
+    return torch.cat(margins)
 
 
 @torch.no_grad()

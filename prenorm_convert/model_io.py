@@ -54,20 +54,27 @@ def model_output(model, inputs: torch.Tensor) -> torch.Tensor:
     """The compared output for a batch [batch, positions, features]: token ids (integers) go in as
     input_ids, pixel values (floating point, cast to the model's dtype) as pixel_values, and a dict
     (an encoder-decoder's audio features and decoder token ids) as keywords; the
-    logits come out, or the last hidden state when the model has no head. An output with no
-    positions axis (an image classifier's logits) gets one position."""
+    logits come out, a masked image model's reconstruction, or the last hidden state when the model
+    has no head. An output with no positions axis (an image classifier's logits) gets one position;
+    an image ([batch, channels, height, width]) has one position per pixel, its channels the features."""
     if not isinstance(inputs, dict):
         inputs = {"pixel_values" if inputs.is_floating_point() else "input_ids": inputs}
     device = input_device(model)
     output = model(**{key: value.to(device, model.dtype if value.is_floating_point() else None) for key, value in inputs.items()})
     value = compared_output(output)
+    if value.dim() == 4:
+        return value.flatten(2).transpose(1, 2)
     return value if value.dim() == 3 else value[:, None, :]
 
 
 def compared_output(output) -> torch.Tensor:
-    """The logits, or the last hidden state of a model without a head."""
-    value = getattr(output, "logits", None)
-    return output.last_hidden_state if value is None else value
+    """The logits, a masked image model's reconstructed pixels, or the last hidden state of a model
+    without a head."""
+    for name in ("logits", "reconstruction"):
+        value = getattr(output, name, None)
+        if value is not None:
+            return value
+    return output.last_hidden_state
 
 
 def image_size(config) -> tuple[int, int]:
@@ -87,13 +94,16 @@ def forward_feed(spec, config, dtype: torch.dtype, device, seed: int):
     """(batch, sequence length) -> the keyword inputs of one forward pass of the family's models,
     seeded (``bench``, and planning's forward pass on fake tensors): token ids (a causal LM without
     its cache), images of the configured size (the length is the model's own), or audio features
-    with the decoder's token ids."""
+    (the length the encoder takes), with the decoder's token ids where the model has a decoder."""
 
     def feed(batch: int, seq: int) -> dict:
         generator = torch.Generator().manual_seed(seed)
         if spec.inputs == "image":
             pixels = torch.randn((batch, config.num_channels, *image_size(config)), generator=generator)
             return {"pixel_values": pixels.to(device, dtype)}
+        if spec.inputs == "audio_features":
+            features = torch.randn((batch, config.num_mel_bins, 2 * config.max_source_positions), generator=generator)
+            return {"input_features": features.to(device, dtype)}
         ids = torch.randint(0, config.vocab_size, (batch, seq), generator=generator).to(device)
         if spec.inputs == "audio":
             features = torch.randn((batch, config.num_mel_bins, 2 * config.max_source_positions), generator=generator)
@@ -122,6 +132,24 @@ def audio_inputs(config, prompts: list[torch.Tensor]) -> list[dict]:
         {"input_features": torch.randn((config.num_mel_bins, frames), generator=generator), "decoder_input_ids": ids[:limit]}
         for ids in prompts
     ]
+
+
+def audio_feature_inputs(config) -> list[dict]:
+    """Seeded random log-mel features [mel bins, frames] of the length the encoder takes, alone (an
+    audio classifier has no decoder): as many as the random images of a vision model."""
+    generator = torch.Generator().manual_seed(0)
+    frames = 2 * config.max_source_positions
+    return [{"input_features": torch.randn((config.num_mel_bins, frames), generator=generator)} for _ in range(RANDOM_IMAGES)]
+
+
+def fixed_positions(spec, config) -> int | None:
+    """The sequence length of a model whose inputs fix it (an image's patches and class token, an
+    audio encoder's frames after its strided convolution), or None where the prompts set it."""
+    if spec.inputs == "image":
+        return image_positions(config)
+    if spec.inputs == "audio_features":
+        return config.max_source_positions
+    return None
 
 
 def _processor_size(folder: Path) -> int | None:

@@ -83,6 +83,7 @@ class _Planner:
         # "Stem norms: a norm on the main branch itself"); its table, γ and β are the original's
         self.keep_stems = target == "rmsnorm"
         self.centered_stems: list[str] = []
+        self.not_stored: list[str] = []
         self.stem_tables: list[str] = []
 
     # names -------------------------------------------------------------------------------
@@ -267,10 +268,16 @@ class _Planner:
             self.add(head, "reader", {"x": self.key(table)}, [("identity", {})], dtype_from=table)
 
     def _plan_the_rest(self) -> None:
-        """Every other stored parameter is copied; a parameter neither planned nor tied is missing."""
+        """Every other stored parameter is copied; a parameter neither planned nor tied is missing,
+        unless its module may be absent (spec may_be_absent) and the checkpoint stores none of it."""
         for name in list(self.params) + list(self.buffers):
             if name not in self.done and self.has(name):
                 self.add(name, "other", {"x": self.key(name)}, [("identity", {})])
+        for module in (path for template in self.spec.may_be_absent for path in expand(template, self.L)):
+            own = [name for name in self.params if name.startswith(module + ".")]
+            if own and not any(self.has(name) for name in own):
+                self.not_stored.append(module)
+                self.done.update(own)
         missing = [name for name in self.params if name not in self.done and name not in _tied_names(self.model)]
         if missing:
             raise CorruptCheckpointError(f"the checkpoint is missing tensor(s) {missing[:3]}; re-download it")
@@ -310,6 +317,7 @@ class _Planner:
             untied_head=tied,
             centered_at_lookup=[self.spec.head_tied_to] if self.tie_kept and self.spec.head_tied_to not in self.stem_tables else [],
             centered_stems=self.centered_stems,
+            not_stored=self.not_stored,
             stem_tables=self.stem_tables,
             head_stored_apart=head_stored_apart,
             norms=self.norms if landing is None else {landing.renamed(norm): entry for norm, entry in self.norms.items()},

@@ -65,6 +65,8 @@ class ConversionPlan:
     # stem norms the converted model computes and then centres (rmsnorm), and the tables they read
     centered_stems: list[str] = field(default_factory=list)
     stem_tables: list[str] = field(default_factory=list)
+    # modules the checkpoint does not store (spec may_be_absent): transformers initialises them at load
+    not_stored: list[str] = field(default_factory=list)
 
     @property
     def residual_width(self) -> int:

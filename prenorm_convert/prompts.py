@@ -96,9 +96,11 @@ def batched(prompts: list[torch.Tensor], sizes: list[int]) -> list[tuple[torch.T
     batches, start = [], 0
     for size in sizes:
         group, start = prompts[start : start + size], start + size
-        if isinstance(group[0], dict):  # audio features (one size) and right-padded decoder ids
-            ids, lengths = _right_padded([prompt["decoder_input_ids"] for prompt in group])
-            batches.append(({"input_features": torch.stack([p["input_features"] for p in group]), "decoder_input_ids": ids}, lengths))
+        if isinstance(group[0], dict):  # audio features (one size), and right-padded decoder ids if any
+            batch, lengths = {"input_features": torch.stack([p["input_features"] for p in group])}, [None] * len(group)
+            if "decoder_input_ids" in group[0]:
+                batch["decoder_input_ids"], lengths = _right_padded([prompt["decoder_input_ids"] for prompt in group])
+            batches.append((batch, lengths))
             continue
         if group[0].is_floating_point():  # images: all of one size, every output position compared
             batches.append((torch.stack(group), [None] * len(group)))

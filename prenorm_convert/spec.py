@@ -213,6 +213,9 @@ class FamilySpec:
     layer_scales: tuple[LayerScale, ...] = ()
     entry: StreamEntry | None = None
     streams: tuple[ExtraStream, ...] = ()
+    # modules off the stream (a pooler beside last_hidden_state) whose weights a checkpoint may not
+    # store: transformers initialises them at load, the original and the converted model alike
+    may_be_absent: tuple[str, ...] = ()
     source_file: str = field(default="", compare=False)
     # after resolve(): role -> the templates switched off by the config (check_structure: such a
     # module is absent, active in another role, or off the residual stream)

@@ -56,8 +56,9 @@ _OPTIONAL_SPEC_KEYS = {
     "layer_scales": list,
     "entry": dict,
     "streams": list,
+    "may_be_absent": list,
 }
-INPUT_KINDS = ("text", "image", "audio")
+INPUT_KINDS = ("text", "image", "audio", "audio_features")
 
 
 def _parse_landing(where: str, data: Any) -> Landing | None:
@@ -185,6 +186,10 @@ def _parse_stream(where: str, data: Any) -> ExtraStream:
 
 
 def parse_spec(data: Any, source_file: str) -> FamilySpec:
+    return _check_may_be_absent(_parse_spec(data, source_file))
+
+
+def _parse_spec(data: Any, source_file: str) -> FamilySpec:
     _require_keys(source_file, data, _SPEC_KEYS, _OPTIONAL_SPEC_KEYS)
     config_keys = data["config_keys"]
     if set(config_keys) != _CONFIG_ROLES:
@@ -243,8 +248,31 @@ def parse_spec(data: Any, source_file: str) -> FamilySpec:
         layer_scales=scales,
         entry=_parse_entry(f"{source_file}: entry", data.get("entry")),
         streams=tuple(_parse_stream(f"{source_file}: streams[{i}]", stream) for i, stream in enumerate(data.get("streams", []))),
+        may_be_absent=_parse_may_be_absent(f"{source_file}: may_be_absent", data),
         source_file=source_file,
     )
+
+
+def _parse_may_be_absent(where: str, data: dict) -> tuple[str, ...]:
+    names = data.get("may_be_absent", [])
+    if not all(isinstance(name, str) for name in names):
+        raise SpecError(f"{where} must be a list of module names")
+    return tuple(names)
+
+
+def _check_may_be_absent(spec: FamilySpec) -> FamilySpec:
+    """No module a checkpoint may not store has a role in the conversion: a module the conversion
+    rewrites, centres or reads through must be stored."""
+    declared = {spec.head, *(stem.norm for stem in spec.stem_norms), *(stem.embedding for stem in spec.stem_norms)}
+    for view in spec.views():
+        groups = [(group.norm, *group.readers) for group in view.norms]
+        for entries in (view.embeddings, view.writers, view.inner_norms, view.stream_parameters, *groups):
+            declared.update(entry_module(entry) for entry in entries)
+        declared.update(view.entry.fed_by if view.entry is not None else ())
+    for name in spec.may_be_absent:
+        if name in declared:
+            raise SpecError(f"{spec.source_file}: may_be_absent: '{name}' has a role in the conversion, so the checkpoint must store it")
+    return spec
 
 
 def _config_files():

@@ -42,7 +42,7 @@ from .progress import SILENT, Reporter
 from .prompts import batched, build_prompts, fit_positions, read_prompt_lines
 from .rounded_weights import rounded_weights_error
 from .memory_plan import STREAMED_GREEDY_PROMPTS, STREAMED_GREEDY_TOKENS, MemoryPlan, batch_sizes, plan_memory
-from .model_io import audio_inputs, folder_loader, image_inputs
+from .model_io import audio_feature_inputs, audio_inputs, folder_loader, image_inputs
 from .streaming import Offload, SpilledOutputs
 from .tolerances import Tolerances, dtype_name
 
@@ -179,7 +179,9 @@ class _Session:
 
 
 def _positions(prompt) -> int:
-    return prompt["decoder_input_ids"].numel() if isinstance(prompt, dict) else prompt.numel()
+    if isinstance(prompt, dict):  # audio: the decoder's prompt, or the features alone
+        prompt = prompt.get("decoder_input_ids", prompt["input_features"])
+    return prompt.numel()
 
 
 def paired_logits(session: _Session, reference_model, candidate_model, audit: LayerAudit | None):
@@ -328,11 +330,13 @@ def _measure(session: _Session, spec, tolerances: Tolerances, dtype: torch.dtype
 
 def _inputs(original: Path, spec, model, tolerances: Tolerances, prompt_lines) -> tuple[list, list]:
     """(what the models run on, the prompts greedy generation starts from): token-id prompts for a
-    language model (greedy ones for a causal one only), seeded random pixel values for a vision model."""
-    if spec.inputs == "image":
+    language model (greedy ones for a causal one only), seeded random pixel values for a vision model,
+    seeded random audio features for an audio classifier."""
+    if spec.inputs in ("image", "audio_features"):
         if prompt_lines is not None:
-            raise BadInputError(f"--prompts gives text, and {spec.family} models take images; drop --prompts")
-        return image_inputs(original, model.config), []
+            taken = "images" if spec.inputs == "image" else "audio features alone"
+            raise BadInputError(f"--prompts gives text, and these {spec.family} models take {taken}; drop --prompts")
+        return (image_inputs(original, model.config) if spec.inputs == "image" else audio_feature_inputs(model.config)), []
     embeddings = model.get_input_embeddings()
     greedy_tokens = tolerances.greedy_tokens if spec.causal else 0
     prompts, greedy_prompts = fit_positions(build_prompts(original, embeddings.num_embeddings, prompt_lines), model.config, greedy_tokens)

@@ -80,7 +80,7 @@ def norm_types(model) -> set[str]:
 
 # -- encoders and vision models: no generation, several outputs ---------------------------------
 
-ENCODER_OUTPUTS = ("logits", "last_hidden_state", "pooler_output", "text_embeds", "encoder_last_hidden_state")
+ENCODER_OUTPUTS = ("logits", "reconstruction", "last_hidden_state", "pooler_output", "text_embeds", "encoder_last_hidden_state")
 
 
 def load_class(folder: Path, class_name: str, remote: bool):

@@ -111,6 +111,8 @@ CASES = [
 ENCODER_CASES = [
     Case("vit", "vit", auto_class="ViTForImageClassification"),
     Case("vit-model", "vit", auto_class="ViTModel"),
+    # the mask token is a stream parameter; the 1×1 conv decoder reads an output norm (copied)
+    Case("vit-mim", "vit", {"encoder_stride": 4}, bf16=False, auto_class="ViTForMaskedImageModeling"),
     Case("dinov2", "dinov2"),  # LayerScale λ far from 1
     # the SwiGLU MLP's input projections stored as one weights_in, split by transformers at load
     Case("dinov2-swiglu", "dinov2", {"use_swiglu_ffn": True}, bf16=False),
@@ -119,11 +121,20 @@ ENCODER_CASES = [
     # the tied head reads the head's own norm (an inner norm); token dropout
     Case("esm-rotary", "esm", inner_norms={"LayerNorm": 1}),
     Case("esm-absolute-untied", "esm", {"position_embedding_type": "absolute", "tie_word_embeddings": False}, inner_norms={"LayerNorm": 1}, bf16=False),
+    # no head: the final norm is an output norm (last_hidden_state), read by the pooler (copied)
+    Case("esm-model", "esm", bf16=False, auto_class="EsmModel"),
+    # the classifiers read the final norm (row 0 / every row): they are its readers
+    Case("esm-sequence-classifier", "esm", {"num_labels": 3}, bf16=False, auto_class="EsmForSequenceClassification"),
+    Case("esm-token-classifier", "esm", {"num_labels": 5, "position_embedding_type": "absolute"}, bf16=False, auto_class="EsmForTokenClassification"),
     Case("clip_text", "clip_text_model"),
     # CLIPTextModel's config class and Auto class: both load in one process (modeling's from_pretrained)
     Case("clip_text-projection", "clip_text_model", auto_class="CLIPTextModelWithProjection", bf16=False),
     # two streams: the encoder's, centred where it enters its first layer, and the decoder's
     Case("whisper", "whisper"),
+    # no head: both streams end in output norms (last_hidden_state, encoder_last_hidden_state)
+    Case("whisper-model", "whisper", bf16=False, auto_class="WhisperModel"),
+    # the encoder alone, its stream centred at entry; the projector reads the final norm (before a mean)
+    Case("whisper-audio-classifier", "whisper", {"num_labels": 4, "classifier_proj_size": 24}, bf16=False, auto_class="WhisperForAudioClassification"),
 ]
 BY_ID = {case.id: case for case in CASES + ENCODER_CASES}
 TARGETS = {"rmsnorm": (), "fold-affine": ("--fold-affine",), "crmsnorm": ("--target", "crmsnorm")}
@@ -237,8 +248,9 @@ def test_families_and_inspect_list_every_case(source):
 
 def _encoder_inputs(model) -> list[dict]:
     """Batches each family's models take, covering the paths that touch the stream: pixel values at
-    the trained size and (ViT, DINOv2) at another size, positions interpolated; DINOv2's mask token;
-    token ids with padding and, for ESM, <mask> tokens (token dropout)."""
+    the trained size and (ViT, DINOv2) at another size, positions interpolated; the mask token where
+    the model has one (DINOv2, ViT's masked image model); token ids with padding and, for ESM,
+    <mask> tokens (token dropout)."""
     config = model.config
     generator = torch.Generator().manual_seed(11)
     if hasattr(config, "image_size"):
@@ -246,7 +258,7 @@ def _encoder_inputs(model) -> list[dict]:
         larger = {"pixel_values": torch.randn((1, 3, 24, 24), generator=generator)}
         if config.model_type == "vit":
             larger["interpolate_pos_encoding"] = True
-        elif "bool_masked_pos" in inspect.signature(model.forward).parameters:
+        if any(name.endswith("mask_token") for name, _ in model.named_parameters()):
             batches.append({**batches[0], "bool_masked_pos": torch.rand((2, 16), generator=generator) < 0.3})
         return batches + [larger]
     ids = torch.randint(2, config.vocab_size, (2, 12), generator=generator)
@@ -256,6 +268,8 @@ def _encoder_inputs(model) -> list[dict]:
         ids[0, 3] = ids[1, 5] = config.mask_token_id
     if config.model_type == "whisper":
         features = torch.randn((2, config.num_mel_bins, 2 * config.max_source_positions), generator=generator)
+        if "decoder_input_ids" not in inspect.signature(model.forward).parameters:  # an audio classifier
+            return [{"input_features": features}]
         return [{"input_features": features, "decoder_input_ids": ids, "decoder_attention_mask": mask}]
     return [{"input_ids": ids, "attention_mask": mask}]
 
@@ -268,7 +282,7 @@ def _assert_encoder_equivalent(src: Path, out: Path, remote: bool):
     converted = load_class(out, auto if remote else architecture, remote=remote)
     for inputs in _encoder_inputs(original):
         assert_outputs_match(original, converted, inputs)
-    if original.config.is_encoder_decoder:  # the decoder generates: greedy tokens identical
+    if original.can_generate():  # an encoder-decoder with its head: the decoder generates: greedy tokens identical
         features = _encoder_inputs(original)[0]["input_features"]
         expected = original.generate(input_features=features, max_new_tokens=12, do_sample=False)
         assert expected.shape[1] >= 12 and torch.equal(expected, converted.generate(input_features=features, max_new_tokens=12, do_sample=False))
@@ -285,7 +299,7 @@ def test_encoders_and_vision_models_are_equivalent_on_every_target(converted, ca
     assert set(stream_norms) <= expected and "LayerNorm" not in stream_norms, dict(stream_norms)
     report = json.loads((out / "conversion_report.json").read_text())
     assert report["passed"] and report["residual_mean_max"] < 1e-5 and report["greedy_match"]["identical"] is None
-    layers = sum(getattr(original.config, key, 0) for key in ("encoder_layers", "decoder_layers")) or original.config.num_hidden_layers
+    layers = sum(len(m) for name, m in original.named_modules() if isinstance(m, torch.nn.ModuleList) and name.rpartition(".")[2] in ("layer", "layers"))
     assert report["first_bad_layer"] is None and len(report["per_layer"]) == layers, "every layer of every stream audited, none off"
     # save_pretrained round trip: the converted class saves and reloads as itself
     model.save_pretrained(tmp_path / "saved")
@@ -305,14 +319,16 @@ def test_encoders_default_target_loads_as_the_stock_class(converted, case):
 
 
 @pytest.mark.parametrize(
-    ("model_type", "overrides", "reason"),
+    ("model_type", "overrides", "auto_class", "reason"),
     [
-        ("esm", {"emb_layer_norm_before": True}, "emb_layer_norm_before=true"),
+        ("esm", {"emb_layer_norm_before": True}, None, "emb_layer_norm_before=true"),
+        # the classifier reads a weighted sum of raw hidden states, which a conversion changes
+        ("whisper", {"use_weighted_layer_sum": True}, "WhisperForAudioClassification", "use_weighted_layer_sum=true"),
     ],
 )
-def test_refused_encoder_variants_say_why_and_write_nothing(tmp_path, model_type, overrides, reason):
+def test_refused_encoder_variants_say_why_and_write_nothing(tmp_path, model_type, overrides, auto_class, reason):
     src = tmp_path / "src"
-    build_checkpoint(src, model_type, overrides=overrides)
+    build_checkpoint(src, model_type, overrides=overrides, auto_class=auto_class)
     result = run_cli("convert", src, tmp_path / "out", "--quiet")
     assert result.exit_code == 2, result.stderr
     assert reason in result.stderr and "cannot convert" in result.stderr

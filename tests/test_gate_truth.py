@@ -140,3 +140,11 @@ def test_top1_may_differ_only_at_near_ties():
     assert limits["max_abs_logit_diff"] == pytest.approx(3e-4)
     assert limits["min_top1"] == pytest.approx(0.99)
     assert limits["max_kl"] == 1e-6
+
+
+def test_a_single_logit_has_no_near_tie():
+    """A regression head (num_labels=1) gives one logit per row: no second one it could swap with."""
+    from prenorm_convert.metrics import top_two_margins
+
+    margins = top_two_margins([torch.tensor([[0.5]]), torch.tensor([[3.0, 1.0, 2.5]])])
+    assert margins[0] == math.inf and margins[1].item() == pytest.approx(0.5)

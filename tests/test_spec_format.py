@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from safetensors.torch import load_file, save_file
 
 from conftest import run_cli, snapshot
 from prenorm_convert.checkpoint import SourceCheckpoint
-from prenorm_convert.errors import SpecError, UnsupportedModelError
+from prenorm_convert.errors import CorruptCheckpointError, SpecError, UnsupportedModelError
 from prenorm_convert.examples import build_checkpoint
 from prenorm_convert.plan import make_plan
 from prenorm_convert.spec_loader import config_object, parse_spec
@@ -197,3 +198,23 @@ def test_olmo_lands_in_llama_unless_clip_qkv_and_inspect_says_so(built, tmp_path
     (clipped / "config.json").write_text(json.dumps({**config, "clip_qkv": 0.5}))
     report = json.loads(run_cli("inspect", clipped, "--json").stdout)
     assert report["lands_in"] is None and report["requires_remote_code"] is False  # OLMo's own class, LayerNorms
+
+
+def test_a_pooler_the_checkpoint_does_not_store_may_be_absent_and_nothing_else(tmp_path):
+    """A backbone saved without its pooler (add_pooling_layer=False) converts: transformers initialises
+    the pooler at load, for the original and the converted model alike. A pooler stored in part is a
+    broken checkpoint, and a module with a role in the conversion can never be absent."""
+    src = tmp_path / "src"
+    build_checkpoint(src, "vit", seed=3, auto_class="ViTModel", tokenizer=False, max_shard_size="10MB")
+    tensors = load_file(src / "model.safetensors")
+    assert {"pooler.dense.weight", "pooler.dense.bias"} <= set(tensors)
+    save_file({k: v for k, v in tensors.items() if k != "pooler.dense.bias"}, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CorruptCheckpointError, match="pooler.dense.bias"):
+        plan_with(spec_data("vit_model"), src)
+    save_file({k: v for k, v in tensors.items() if not k.startswith("pooler.")}, src / "model.safetensors", metadata={"format": "pt"})
+    plan = plan_with(spec_data("vit_model"), src)
+    assert plan.not_stored == ["pooler.dense"] and not any(op.name.startswith("pooler.") for op in plan.ops)
+    data = spec_data("vit_model")
+    data["may_be_absent"] = ["layernorm"]
+    with pytest.raises(SpecError, match="'layernorm' has a role in the conversion"):
+        parse_spec(data, "configs/test.yaml")
