@@ -140,3 +140,17 @@ def test_top1_may_differ_only_at_near_ties():
     assert limits["max_abs_logit_diff"] == pytest.approx(3e-4)
     assert limits["min_top1"] == pytest.approx(0.99)
     assert limits["max_kl"] == 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_reduced_dtype_kl_bar_is_never_stricter_than_the_float32_one(dtype):
+    # a near one-hot next-token distribution (logits thousands apart) makes every KL noise, ~1e-8
+    # nats or far less: 1.5x the original's own noise failed correct conversions (max |Δlogit| within its bar)
+    from prenorm_convert.tolerances import FLOAT32_KL_FLOOR, Tolerances
+
+    own = {"max_abs_logit_diff": 3.4, "max_kl_divergence": 8e-9, "top1_agreement": 1.0}
+    rounded = {"max_abs_logit_diff": 0.6, "max_kl_divergence": 5e-14, "top1_agreement": 1.0}
+    limits = Tolerances().resolve(dtype, 3750.0, own, rounded)
+    assert limits["max_kl"] == FLOAT32_KL_FLOOR == 1e-6
+    assert limits["max_abs_logit_diff"] == pytest.approx(1.5 * 4.0), "the |Δlogit| bar is unchanged"
+    assert Tolerances().resolve(dtype, 10.0, {**own, "max_kl_divergence": 1e-4}, rounded)["max_kl"] > 1e-4
