@@ -306,6 +306,8 @@ def test_encoders_default_target_loads_as_the_stock_class(converted, case):
     ("model_type", "overrides", "reason"),
     [
         ("esm", {"emb_layer_norm_before": True}, "emb_layer_norm_before=true"),
+        # without token dropout the refusal must not blame it (the message named it whatever the config)
+        ("esm", {"emb_layer_norm_before": True, "token_dropout": False}, "token_dropout=false"),
     ],
 )
 def test_refused_encoder_variants_say_why_and_write_nothing(tmp_path, model_type, overrides, reason):
