@@ -319,6 +319,17 @@ def test_refused_encoder_variants_say_why_and_write_nothing(tmp_path, model_type
     assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
+def test_an_original_transformers_cannot_run_is_bad_input_not_an_internal_error(tmp_path):
+    # positions for a 2 x 3 patch grid: transformers' DINOv2 interpolates them as a square and cannot
+    # run its own config (was exit 3, "please report"), for convert and verify alike
+    src = tmp_path / "src"
+    build_checkpoint(src, "dinov2", overrides={"image_size": [14, 21], "patch_size": 7})
+    result = run_cli("convert", src, tmp_path / "out", "--quiet")
+    assert result.exit_code == 2, result.stderr
+    assert "original model does not run in the installed transformers" in result.stderr and "Dinov2Model" in result.stderr
+    assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
 @pytest.mark.parametrize("case_id", ["vit", "esm-rotary", "whisper"])
 def test_bench_times_encoders_on_their_own_inputs(converted, case_id):
     from prenorm_convert.bench import BenchSettings, benchmark
