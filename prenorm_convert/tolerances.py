@@ -12,8 +12,12 @@ from .errors import BadInputError
 
 # how much worse than the original's own reduced-precision error the converted model may be
 REDUCED_DTYPE_ERROR_RATIO = 1.5
+# the same margin for KL divergences, which grow with the square of small logit differences: logits
+# within 1.5x of an error give a KL within 1.5² of that error's
+KL_MARGIN = REDUCED_DTYPE_ERROR_RATIO**2
 REDUCED_DTYPE_TOP1_SLACK = 0.05
 # float32: the bar never drops below this fraction of the logit scale, nor a KL of FLOAT32_KL_FLOOR
+# (nor does a reduced dtype's KL bar)
 FLOAT32_RELATIVE_FLOOR = 1e-5
 FLOAT32_KL_FLOOR = 1e-6
 
@@ -59,7 +63,12 @@ class Tolerances:
             "max_abs_logit_diff": self.max_abs_logit_diff
             if self.max_abs_logit_diff is not None
             else REDUCED_DTYPE_ERROR_RATIO * dtype_cost["max_abs_logit_diff"],
-            "max_kl": self.max_kl if self.max_kl is not None else REDUCED_DTYPE_ERROR_RATIO * dtype_cost["max_kl_divergence"],
+            # KL is quadratic in small logit differences: the margin on |Δlogit| is squared for it. Never
+            # stricter than the float32 bar: on near one-hot distributions every KL is noise far below
+            # it, and the ratio of two such noises says nothing about the rewrite
+            "max_kl": self.max_kl
+            if self.max_kl is not None
+            else max(FLOAT32_KL_FLOOR, KL_MARGIN * dtype_cost["max_kl_divergence"]),
             "min_top1": self.min_top1 if self.min_top1 is not None else dtype_cost["top1_agreement"] - REDUCED_DTYPE_TOP1_SLACK,
             "require_greedy_match": False if self.require_greedy_match is None else self.require_greedy_match,
             "basis": f"{dtype_name(dtype)}: no more than {REDUCED_DTYPE_ERROR_RATIO}x what the dtype costs: the original "
@@ -83,7 +92,7 @@ class Tolerances:
             min_top1 = 1.0 - (near_tie_fraction(2 * max_abs) if near_tie_fraction is not None else 0.0)
         return {
             "max_abs_logit_diff": max_abs,
-            "max_kl": self.max_kl if self.max_kl is not None else max(FLOAT32_KL_FLOOR, REDUCED_DTYPE_ERROR_RATIO * 4 * own_kl),
+            "max_kl": self.max_kl if self.max_kl is not None else max(FLOAT32_KL_FLOOR, KL_MARGIN * 4 * own_kl),
             "min_top1": min_top1,
             "require_greedy_match": True if self.require_greedy_match is None else self.require_greedy_match,
             "basis": f"float32: max |Δlogit| within the larger of {FLOAT32_RELATIVE_FLOOR:g} of the logit scale and "

@@ -22,7 +22,7 @@ from .checkpoint import converted_folder_config
 from .sizes import parse_size
 from .devices import placement
 from .digests import folder_digests
-from .errors import BadInputError
+from .errors import BadInputError, UnsupportedModelError
 from .jsonout import finite_or_none
 from .layer_audit import LayerAudit
 from .metrics import (
@@ -184,19 +184,40 @@ def _positions(prompt) -> int:
     return prompt.numel()
 
 
+@contextmanager
+def _original_runs(model) -> Iterator[None]:
+    """An error raised by the original's own forward pass is the checkpoint's, not this tool's: its
+    config describes a model the installed transformers cannot run (e.g. DINOv2 position embeddings
+    for a non-square patch grid, which it interpolates as a square). Bad input, not an internal error."""
+    try:
+        yield
+    except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+        import transformers
+
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise UnsupportedModelError(
+            f"the original model does not run in the installed transformers {transformers.__version__} "
+            f"({type(model).__name__} raised {type(exc).__name__}: {first_line}), so there is nothing a converted model "
+            "could be equivalent to; check that its config.json describes the model its weights were trained as"
+        ) from exc
+
+
 def paired_logits(session: _Session, reference_model, candidate_model, audit: LayerAudit | None):
     """Both models' logits on every batch, each batch run by both in turn, the per-layer audit
     comparing their audited outputs as the converted model produces them (the original's are held
     for one batch: in memory, or on disk when streamed)."""
     if audit is None:
-        return session.logits(reference_model, "running the original"), session.logits(candidate_model, "running the converted model")
+        with _original_runs(reference_model):
+            reference = session.logits(reference_model, "running the original")
+        return reference, session.logits(candidate_model, "running the converted model")
     reference, candidate = [], []
     prompts = sum(len(lengths) for _, lengths in session.batches)
     with session.passes(f"comparing logits and every layer's output on {prompts} prompts", [reference_model, candidate_model]) as advance:
         for ids, lengths in session.batches:
             held = SpilledOutputs() if session.memory.streamed else {}
             try:
-                logits = audit.record(reference_model, ids, held.__setitem__)
+                with _original_runs(reference_model):
+                    logits = audit.record(reference_model, ids, held.__setitem__)
                 reference += per_prompt(logits, lengths)
                 advance()
                 compare = lambda path, output: audit.compare(path, held[path], output)  # noqa: E731

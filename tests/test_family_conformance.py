@@ -324,6 +324,8 @@ def test_encoders_default_target_loads_as_the_stock_class(converted, case):
         ("esm", {"emb_layer_norm_before": True}, None, "emb_layer_norm_before=true"),
         # the classifier reads a weighted sum of raw hidden states, which a conversion changes
         ("whisper", {"use_weighted_layer_sum": True}, "WhisperForAudioClassification", "use_weighted_layer_sum=true"),
+        # without token dropout the refusal must not blame it (the message named it whatever the config)
+        ("esm", {"emb_layer_norm_before": True, "token_dropout": False}, None, "token_dropout=false"),
     ],
 )
 def test_refused_encoder_variants_say_why_and_write_nothing(tmp_path, model_type, overrides, auto_class, reason):
@@ -332,6 +334,17 @@ def test_refused_encoder_variants_say_why_and_write_nothing(tmp_path, model_type
     result = run_cli("convert", src, tmp_path / "out", "--quiet")
     assert result.exit_code == 2, result.stderr
     assert reason in result.stderr and "cannot convert" in result.stderr
+    assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_an_original_transformers_cannot_run_is_bad_input_not_an_internal_error(tmp_path):
+    # positions for a 2 x 3 patch grid: transformers' DINOv2 interpolates them as a square and cannot
+    # run its own config (was exit 3, "please report"), for convert and verify alike
+    src = tmp_path / "src"
+    build_checkpoint(src, "dinov2", overrides={"image_size": [14, 21], "patch_size": 7})
+    result = run_cli("convert", src, tmp_path / "out", "--quiet")
+    assert result.exit_code == 2, result.stderr
+    assert "original model does not run in the installed transformers" in result.stderr and "Dinov2Model" in result.stderr
     assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 

@@ -148,3 +148,31 @@ def test_a_single_logit_has_no_near_tie():
 
     margins = top_two_margins([torch.tensor([[0.5]]), torch.tensor([[3.0, 1.0, 2.5]])])
     assert margins[0] == math.inf and margins[1].item() == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_reduced_dtype_kl_bar_is_never_stricter_than_the_float32_one(dtype):
+    # a near one-hot next-token distribution (logits thousands apart) makes every KL noise, ~1e-8
+    # nats or far less: 1.5x the original's own noise failed correct conversions (max |Δlogit| within its bar)
+    from prenorm_convert.tolerances import FLOAT32_KL_FLOOR, Tolerances
+
+    own = {"max_abs_logit_diff": 3.4, "max_kl_divergence": 8e-9, "top1_agreement": 1.0}
+    rounded = {"max_abs_logit_diff": 0.6, "max_kl_divergence": 5e-14, "top1_agreement": 1.0}
+    limits = Tolerances().resolve(dtype, 3750.0, own, rounded)
+    assert limits["max_kl"] == FLOAT32_KL_FLOOR == 1e-6
+    assert limits["max_abs_logit_diff"] == pytest.approx(1.5 * 4.0), "the |Δlogit| bar is unchanged"
+    assert Tolerances().resolve(dtype, 10.0, {**own, "max_kl_divergence": 1e-4}, rounded)["max_kl"] > 1e-4
+
+
+def test_kl_bars_square_the_logit_margin():
+    """KL is quadratic in small logit differences: the 1.5x margin on |Δlogit| is 1.5² on KL."""
+    from prenorm_convert.tolerances import Tolerances
+
+    own = {"max_abs_logit_diff": 0.05, "max_kl_divergence": 1e-4, "top1_agreement": 1.0}
+    rounded = {"max_abs_logit_diff": 0.01, "max_kl_divergence": 1e-6, "top1_agreement": 1.0}
+    limits = Tolerances().resolve(torch.bfloat16, 10.0, own, rounded)
+    assert limits["max_abs_logit_diff"] == pytest.approx(1.5 * 0.06)
+    assert limits["max_kl"] == pytest.approx(1.5**2 * (1e-2 + 1e-3) ** 2)
+    float32_own = {"max_abs_logit_diff": 1e-4, "max_kl_divergence": 1e-5, "top1_agreement": 1.0}
+    limits = Tolerances().resolve(torch.float32, 10.0, None, None, float32_own, lambda gap: 0.0)
+    assert limits["max_kl"] == pytest.approx(1.5**2 * 4 * 1e-5)
