@@ -127,6 +127,8 @@ def converted_dtype(path: str | Path) -> torch.dtype:
 
 # -- one verification ------------------------------------------------------------------------
 
+COLLECT_PARAMETERS = 50_000_000  # ~200 MB in float32: below this, a model left to a later collection costs little
+
 @dataclass
 class _Session:
     """Where and how this verification runs its models."""
@@ -150,6 +152,15 @@ class _Session:
         if self.offload is None:
             return load_converted(self.converted, dtype, **self.placed)
         return self.offload.load(load_converted, self.converted, dtype, converted_dtype(self.converted))
+
+    def release(self, parameters: int) -> None:
+        """Collect the models just dropped, where their memory matters: streamed, or models of at
+        least COLLECT_PARAMETERS parameters (a model held only in a reference cycle, through hooks or
+        accelerate's offload, is freed by a collection). A full collection takes 0.2-0.5 s in a
+        process with transformers loaded, most of a small model's verification, and those models
+        are freed by reference counting when dropped."""
+        if self.memory.streamed or parameters >= COLLECT_PARAMETERS:
+            gc.collect()
 
     def batch(self, prompts: list[torch.Tensor]) -> None:
         """One prompt at a time in memory (each as a user would run it); streamed, a batch reads every
@@ -336,12 +347,12 @@ def _measure(session: _Session, spec, tolerances: Tolerances, dtype: torch.dtype
         measured["original_error"] = compare_logits(reference, session.logits(reduced_original, f"running the original in {dtype_name(dtype)}"))
     measured["greedy"] = _greedy_matches(session, reduced_original or reference_model, candidate_model, greedy_prompts, tolerances.greedy_tokens)
     del candidate_model, reduced_original
-    gc.collect()
+    session.release(params["params_original"])
     if dtype in (torch.float32, torch.float64):
-        measured["float32_error"] = _own_float32_error(session, reference_model, reference)
+        measured["float32_error"] = _own_float32_error(session, reference_model, reference, params["params_original"])
     else:
         del reference_model  # one float32 model at a time from here
-        gc.collect()
+        session.release(params["params_original"])
         with session.reporter.step("measuring what rounding the rewritten tensors costs"):
             measured["weights_error"] = rounded_weights_error(
                 session.original, session.converted, session.batches, session.converted_model, converted_dtype(session.converted), session.allow_pickle
@@ -366,11 +377,11 @@ def _inputs(original: Path, spec, model, tolerances: Tolerances, prompt_lines) -
     return prompts, greedy_prompts if spec.causal else []
 
 
-def _own_float32_error(session: _Session, reference_model, reference: list[torch.Tensor]) -> dict:
+def _own_float32_error(session: _Session, reference_model, reference: list[torch.Tensor], parameters: int) -> dict:
     """The original's own float32 logits against its float64 self (the float32 tolerance's basis)."""
     if session.memory.streamed:
         del reference_model
-        gc.collect()
+        session.release(parameters)
         reference_model = session.original_model(torch.float64)
     else:
         reference_model = reference_model.to(torch.float64)
