@@ -284,16 +284,33 @@ def _config_files():
 
 @functools.lru_cache(maxsize=1)
 def load_specs() -> tuple[FamilySpec, ...]:
-    specs = []
-    for entry in _config_files():
-        if entry.name == "not_convertible.yaml":
-            continue
-        try:
-            data = yaml.safe_load(entry.read_text())
-        except yaml.YAMLError as exc:
-            raise SpecError(f"configs/{entry.name} is not valid YAML: {exc}") from exc
-        specs.append(parse_spec(data, f"configs/{entry.name}"))
-    return tuple(specs)
+    files = {entry.name: entry for entry in _config_files() if entry.name != "not_convertible.yaml"}
+    raw = {name: _read_yaml(entry) for name, entry in files.items()}
+    return tuple(parse_spec(resolve_extends(name, raw), f"configs/{name}") for name in files)
+
+
+def _read_yaml(entry) -> Any:
+    try:
+        return yaml.safe_load(entry.read_text())
+    except yaml.YAMLError as exc:
+        raise SpecError(f"configs/{entry.name} is not valid YAML: {exc}") from exc
+
+
+def resolve_extends(name: str, raw: dict[str, Any], seen: tuple[str, ...] = ()) -> Any:
+    """A spec file's data with ``extends: OTHER.yaml`` resolved: OTHER's keys, then this file's own
+    keys in their place (a key given replaces the inherited one whole: a list is not appended to).
+    One more architecture of a family (another head, the bare backbone) then states only what
+    differs: its classes, the norm its head reads, the head."""
+    data = raw[name]
+    if not isinstance(data, dict) or "extends" not in data:
+        return data
+    parent = data["extends"]
+    if parent in seen + (name,):
+        raise SpecError(f"configs/{name}: extends: '{parent}' extends {name} again (a cycle)")
+    if not isinstance(parent, str) or parent not in raw:
+        raise SpecError(f"configs/{name}: extends: '{parent}' is not a spec file in configs/ (one of {', '.join(sorted(raw))})")
+    inherited = resolve_extends(parent, raw, seen + (name,))
+    return {**inherited, **{key: value for key, value in data.items() if key != "extends"}}
 
 
 @functools.lru_cache(maxsize=1)

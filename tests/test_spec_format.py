@@ -18,7 +18,7 @@ from prenorm_convert.checkpoint import SourceCheckpoint
 from prenorm_convert.errors import CorruptCheckpointError, SpecError, UnsupportedModelError
 from prenorm_convert.examples import build_checkpoint
 from prenorm_convert.plan import make_plan
-from prenorm_convert.spec_loader import config_object, parse_spec
+from prenorm_convert.spec_loader import config_object, load_specs, parse_spec, resolve_extends
 
 
 def spec_data(family: str) -> dict:
@@ -218,3 +218,28 @@ def test_a_pooler_the_checkpoint_does_not_store_may_be_absent_and_nothing_else(t
     data["may_be_absent"] = ["layernorm"]
     with pytest.raises(SpecError, match="'layernorm' has a role in the conversion"):
         parse_spec(data, "configs/test.yaml")
+
+
+def test_a_spec_extending_another_inherits_every_key_it_does_not_give():
+    raw = {"base.yaml": {"family": "f", "refuse": [{"why": "x"}], "norms": ["a", "b"]}, "head.yaml": {"extends": "base.yaml", "norms": ["c"]}}
+    raw["more.yaml"] = {"extends": "head.yaml", "family": "g"}
+    assert resolve_extends("head.yaml", raw) == {"family": "f", "refuse": [{"why": "x"}], "norms": ["c"]}, "a list given replaces, whole"
+    assert resolve_extends("more.yaml", raw) == {"family": "g", "refuse": [{"why": "x"}], "norms": ["c"]}, "extends chains"
+    # the shipped heads share their family's refusals
+    specs = {spec.source_file: spec for spec in load_specs()}
+    for head in ("esm_sequence_classifier", "esm_token_classifier"):
+        assert specs[f"configs/{head}.yaml"].refuse == specs["configs/esm.yaml"].refuse
+        assert specs[f"configs/{head}.yaml"].writers == specs["configs/esm.yaml"].writers
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"a.yaml": {"extends": "missing.yaml"}}, "'missing.yaml' is not a spec file"),
+        ({"a.yaml": {"extends": "b.yaml"}, "b.yaml": {"extends": "a.yaml"}}, "a cycle"),
+        ({"a.yaml": {"extends": "a.yaml"}}, "a cycle"),
+    ],
+)
+def test_extends_names_an_existing_spec_without_cycles(raw, message):
+    with pytest.raises(SpecError, match=message):
+        resolve_extends("a.yaml", raw)
