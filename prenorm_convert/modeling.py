@@ -22,6 +22,7 @@ model_type (used when the folder must not load without this code).
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import torch
 import transformers
@@ -156,13 +157,23 @@ def center_rows_hook(_module: nn.Module, _args, output: torch.Tensor, axis: int 
     return (work - work.mean(axis, keepdim=True)).to(output.dtype)
 
 
-class _CenterAtLookup:
+class _ModelHook:
+    """A hook that reads the model's switches through a weak reference: a hook holding the model
+    itself puts the model in a reference cycle (model -> module -> hook -> model), which keeps a
+    dropped model in memory until the next full garbage collection."""
+
+    def __init__(self, model: nn.Module):
+        self._model = weakref.ref(model)
+
+    @property
+    def model(self) -> nn.Module:
+        return self._model()
+
+
+class _CenterAtLookup(_ModelHook):
     """An embedding table stored once, tied to the head, uncentred: its rows centred at lookup
     (docs/math.md "Tied embeddings"). While the model trains with its norm inputs centred
     (_CenterNormInput), the rows are left as they are, as the original's are."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
 
     def __call__(self, module: nn.Module, args, output: torch.Tensor):
         if module.training and _centring_on(self.model):
@@ -253,15 +264,12 @@ def _centring_on(model: nn.Module) -> bool:
     return getattr(model, "prenorm_train_centering", True)
 
 
-class _CenterNormInput:
+class _CenterNormInput(_ModelHook):
     """Forward pre-hook of every norm while the model trains: its input centred over the features.
     RMSNorm of the centred stream is LayerNorm of the stream, whatever the parameters have become
     (docs/training.md), so the converted model's loss is the original's loss of the same parameters
     and fine-tuning it takes the original's steps, dropout included. In eval mode it does nothing:
     the stored weights are centred, and leaving training centres the trained ones."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
 
     def __call__(self, module: nn.Module, args):
         if not module.training or not _centring_on(self.model):
@@ -270,13 +278,10 @@ class _CenterNormInput:
         return (center_rows_hook(module, args, args[0]),) + tuple(args[1:])
 
 
-class _TrainingCentering:
+class _TrainingCentering(_ModelHook):
     """Forward hook of an embedding or a writer wrapped by an adapter (peft's LoRA): in eval mode its
     output, the adapter's update included, centred over the features (an unmerged update is not
     centred in the stored weights). Training needs nothing here: the norms centre their inputs."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
 
     def __call__(self, module: nn.Module, _args, output: torch.Tensor):
         if module.training or not hasattr(module, "base_layer") or not _centring_on(self.model):
@@ -298,8 +303,8 @@ def _install_training_centering(model: nn.Module, path: str) -> None:
     parent = model.get_submodule(parent_path) if parent_path else model
     hook = _TrainingCentering(model)
 
-    def sync(_parent, _args):
-        child = getattr(parent, name)
+    def sync(owner, _args):  # the parent itself, as torch passes it: no reference kept to it here
+        child = getattr(owner, name)
         _refuse_inexact_adapter(child, path)
         if getattr(child, "_prenorm_centering", None) is not hook:
             child.register_forward_hook(hook)

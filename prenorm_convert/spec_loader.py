@@ -310,6 +310,8 @@ def resolve_extends(name: str, raw: dict[str, Any], seen: tuple[str, ...] = ()) 
     if not isinstance(parent, str) or parent not in raw:
         raise SpecError(f"configs/{name}: extends: '{parent}' is not a spec file in configs/ (one of {', '.join(sorted(raw))})")
     inherited = resolve_extends(parent, raw, seen + (name,))
+    if not isinstance(inherited, dict):
+        raise SpecError(f"configs/{name}: extends: '{parent}' holds no spec (not a mapping of keys)")
     return {**inherited, **{key: value for key, value in data.items() if key != "extends"}}
 
 

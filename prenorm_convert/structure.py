@@ -127,7 +127,7 @@ def check_structure(model: nn.Module, spec: FamilySpec, d: int, num_layers: int)
     parameters = _check_stream_parameters(model, spec, d, num_layers, writers)
     if spec.entry is not None:
         module_at(model, spec.entry.module, spec)
-    for path in spec.may_be_absent:
+    for path in (path for template in spec.may_be_absent for path in expand(template, num_layers)):
         module_at(model, path, spec)
     return {"embeddings": embeddings, "norms": stream_norms | inner, "inner": inner, "parameters": parameters}
 

@@ -68,12 +68,12 @@ class Tolerances:
             # it, and the ratio of two such noises says nothing about the rewrite
             "max_kl": self.max_kl
             if self.max_kl is not None
-            else max(FLOAT32_KL_FLOOR, KL_MARGIN * dtype_cost["max_kl_divergence"]),
+            else _floored(KL_MARGIN * dtype_cost["max_kl_divergence"], FLOAT32_KL_FLOOR),
             "min_top1": self.min_top1 if self.min_top1 is not None else dtype_cost["top1_agreement"] - REDUCED_DTYPE_TOP1_SLACK,
             "require_greedy_match": False if self.require_greedy_match is None else self.require_greedy_match,
             "basis": f"{dtype_name(dtype)}: no more than {REDUCED_DTYPE_ERROR_RATIO}x what the dtype costs: the original "
             f"model's own {dtype_name(dtype)} error against its float32 self, plus what rounding the rewritten tensors "
-            f"to {dtype_name(dtype)} costs (rounded_weights)",
+            f"to {dtype_name(dtype)} costs (rounded_weights); {KL_MARGIN:g}x for KL, which is quadratic in logit differences",
         }
 
     def _resolve_float32(self, logit_scale: float, float32_error: dict | None, near_tie_fraction) -> dict:
@@ -114,6 +114,11 @@ def dtype_cost_of(original_error: dict, weights_error: dict | None) -> dict:
         "max_kl_divergence": (original_error["max_kl_divergence"] ** 0.5 + weights_error["max_kl_divergence"] ** 0.5) ** 2,
         "top1_agreement": original_error["top1_agreement"] + weights_error["top1_agreement"] - 1,
     }
+
+
+def _floored(value: float, floor: float) -> float:
+    """max(value, floor), except that a NaN stays NaN (a non-finite measurement shows in the bar)."""
+    return value if math.isnan(value) else max(value, floor)
 
 
 def _finite_or_zero(value: float) -> float:

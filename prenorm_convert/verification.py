@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,10 +156,11 @@ class _Session:
 
     def release(self, parameters: int) -> None:
         """Collect the models just dropped, where their memory matters: streamed, or models of at
-        least COLLECT_PARAMETERS parameters (a model held only in a reference cycle, through hooks or
-        accelerate's offload, is freed by a collection). A full collection takes 0.2-0.5 s in a
-        process with transformers loaded, most of a small model's verification, and those models
-        are freed by reference counting when dropped."""
+        least COLLECT_PARAMETERS parameters (a model held in a reference cycle, by accelerate's
+        offload hooks or by the remote code of an older prenorm-convert, is freed only by a
+        collection). A full collection takes 0.2-0.5 s in a process with transformers loaded, most
+        of a small model's verification; the stock classes and this version's remote code (its
+        hooks hold the model weakly) are freed by reference counting when dropped."""
         if self.memory.streamed or parameters >= COLLECT_PARAMETERS:
             gc.collect()
 
@@ -205,12 +207,33 @@ def _original_runs(model) -> Iterator[None]:
     except (RuntimeError, ValueError, IndexError, TypeError) as exc:
         import transformers
 
+        if isinstance(exc, torch.OutOfMemoryError) or not _raised_by(exc, transformers.__file__):
+            raise  # out of memory, or raised by this tool's own code (its hooks, its inputs): not the checkpoint's
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise UnsupportedModelError(
             f"the original model does not run in the installed transformers {transformers.__version__} "
-            f"({type(model).__name__} raised {type(exc).__name__}: {first_line}), so there is nothing a converted model "
-            "could be equivalent to; check that its config.json describes the model its weights were trained as"
+            f"on the inputs verification gives it ({type(model).__name__} raised {type(exc).__name__}: {first_line}), so "
+            "there is nothing a converted model could be equivalent to; check that its config.json (and "
+            "preprocessor_config.json) describe the model its weights were trained as"
         ) from exc
+
+
+def _raised_by(exc: BaseException, package_init: str) -> bool:
+    """Whether the innermost frame of exc's traceback that belongs either to this package or to the
+    package of ``package_init`` (transformers) belongs to the latter: frames of torch, accelerate or
+    the standard library in between are skipped (transformers' code raising through a torch op is
+    transformers'; a hook of ours that transformers' forward called is ours)."""
+    theirs, ours = os.path.dirname(package_init), os.path.dirname(__file__)
+    owner = None
+    tb = exc.__traceback__
+    while tb is not None:
+        filename = os.path.abspath(tb.tb_frame.f_code.co_filename)
+        if filename.startswith(theirs + os.sep):
+            owner = "theirs"
+        elif filename.startswith(ours + os.sep):
+            owner = "ours"
+        tb = tb.tb_next
+    return owner == "theirs"
 
 
 def paired_logits(session: _Session, reference_model, candidate_model, audit: LayerAudit | None):

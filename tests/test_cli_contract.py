@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import run_cli, snapshot
 
@@ -63,6 +64,24 @@ def test_an_internal_error_has_its_own_exit_code_and_saves_the_traceback(gpt2_di
     assert "ZeroDivisionError" in saved.read_text() and "Traceback" in saved.read_text()
     saved.unlink()
     assert snapshot(parent) == {}
+
+
+@pytest.mark.parametrize("error", [IndexError("tuple index out of range"), torch.OutOfMemoryError("out of memory")], ids=["our-hook", "oom"])
+def test_an_error_of_ours_inside_the_originals_forward_is_not_blamed_on_the_checkpoint(gpt2_dir, tmp_path, monkeypatch, error):
+    """The per-layer audit's hooks run inside the original's forward pass: an error raised there (or
+    running out of memory) is an internal error (exit 3), not "the original model does not run" (2)."""
+    from prenorm_convert import layer_audit
+
+    def broken(output):
+        raise error
+
+    out = tmp_path / "out"
+    assert run_cli("convert", gpt2_dir, out, "--quiet", "--no-verify").exit_code == 0
+    monkeypatch.setattr(layer_audit, "_output", broken)
+    result = run_cli("verify", gpt2_dir, out, "--quiet")
+    assert result.exit_code == 3, result.stderr
+    assert "does not run in the installed transformers" not in result.stderr and type(error).__name__ in result.stderr
+    Path(" ".join(result.stderr.split()).rsplit("saved to ", 1)[1].strip()).unlink()
 
 
 @pytest.mark.parametrize(

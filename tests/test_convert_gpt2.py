@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import json
-import sys
 import re
+import sys
+import weakref
 
 import pytest
 import torch
@@ -187,3 +189,22 @@ def test_inspect_and_families(gpt2_dir, checkpoints):
     assert text.exit_code == 0 and "center" in text.stdout
     families = run_cli("families")
     assert families.exit_code == 0 and "gpt2" in families.stdout and "add_cross_attention" in families.stdout
+
+
+@pytest.mark.parametrize("options", [(), ("--target", "crmsnorm")], ids=["rmsnorm", "crmsnorm"])
+def test_a_dropped_converted_model_is_freed_without_a_garbage_collection(converted, options):
+    """Its hooks hold the model weakly: no reference cycle keeps a dropped model's weights in memory
+    until the next full collection (verification drops models between its runs)."""
+    _, out = converted("gpt2_dir", options)
+    gc.collect()
+    gc.disable()
+    try:
+        model = prenorm_convert.load_converted(out)
+        model.train()  # the training hooks run too
+        model(torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]])).loss.backward()
+        model.eval()
+        alive = weakref.ref(model)
+        del model
+        assert alive() is None, "the converted model outlived its last reference"
+    finally:
+        gc.enable()

@@ -218,6 +218,10 @@ def test_a_pooler_the_checkpoint_does_not_store_may_be_absent_and_nothing_else(t
     data["may_be_absent"] = ["layernorm"]
     with pytest.raises(SpecError, match="'layernorm' has a role in the conversion"):
         parse_spec(data, "configs/test.yaml")
+    # {L} stands for every layer here too (a module of each layer that the checkpoint stores)
+    data["may_be_absent"] = ["pooler.dense", "layers.{L}.mlp"]
+    plan = plan_with(data, src)
+    assert plan.not_stored == ["pooler.dense"] and any(op.name == "layers.1.mlp.fc2.weight" for op in plan.ops)
 
 
 def test_a_spec_extending_another_inherits_every_key_it_does_not_give():
@@ -238,6 +242,7 @@ def test_a_spec_extending_another_inherits_every_key_it_does_not_give():
         ({"a.yaml": {"extends": "missing.yaml"}}, "'missing.yaml' is not a spec file"),
         ({"a.yaml": {"extends": "b.yaml"}, "b.yaml": {"extends": "a.yaml"}}, "a cycle"),
         ({"a.yaml": {"extends": "a.yaml"}}, "a cycle"),
+        ({"a.yaml": {"extends": "b.yaml"}, "b.yaml": None}, "holds no spec"),
     ],
 )
 def test_extends_names_an_existing_spec_without_cycles(raw, message):
