@@ -90,6 +90,13 @@ def _run(action: Callable[[], int | None]) -> None:
     except (typer.Exit, typer.Abort):
         raise
     except Exception as exc:  # a bug, not the input: its own exit code, never 1 ("does not match")
+        if _out_of_memory(exc):  # the machine, not a bug: an environment error, as a full disk is
+            _error_line(
+                f"ran out of memory ({_first_line(exc)}); nothing was written. Free memory or use a larger machine; "
+                "a checkpoint larger than memory is verified with --max-memory SIZE (the weights streamed from "
+                "disk), or on a GPU with --device cuda / --device-map auto"
+            )
+            raise typer.Exit(EXIT_BAD_INPUT)
         _error_line(
             f"internal error ({type(exc).__name__}: {_first_line(exc)}); nothing was written. This is a bug in "
             f"prenorm-convert: please report it with the full traceback, saved to {_save_traceback()}"
@@ -100,6 +107,14 @@ def _run(action: Callable[[], int | None]) -> None:
         if main_thread:  # None: a handler installed outside Python, which SIG_DFL stands for
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
     raise typer.Exit(code)
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Python's MemoryError, torch's OutOfMemoryError (an accelerator's), or the RuntimeError
+    torch's CPU allocator raises when an allocation fails."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(exc, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(exc)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -6,10 +6,15 @@ in the converted model must be the original's output minus its mean over feature
 it is exact"); for crmsnorm, its first d−1 features. Each writer's output must likewise be the
 original's centred. The original's outputs for one batch are held (in memory, or spilled to disk when streamed) until
 the converted model's pass compares with them; beyond that only running maxima are kept.
+
+In a reduced dtype the original also runs in that dtype (its ``companion`` audit, on the same held
+outputs): its own error at each layer sets that layer's tolerance, as its own error on the logits
+sets the logit bar (docs/report.md "Per-layer audit").
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -49,8 +54,10 @@ class _Maxima:
 class LayerAudit:
     layers: list[str]
     writers: list[list[str]]  # per layer, the writer module paths
-    width: int  # residual width compared (d, or d-1 for crmsnorm)
+    width: int | None  # residual width compared (d, or d-1 for crmsnorm); None: every feature
     crmsnorm: bool
+    # the compared model's outputs are not centred by construction (the original, run in a reduced dtype)
+    centre_compared: bool = False
     maxima: dict[str, _Maxima] = field(default_factory=dict)
 
     @classmethod
@@ -69,6 +76,11 @@ class LayerAudit:
         if not layers:
             return None
         return cls(layers, writers, block["residual_width"], block["target"] == "crmsnorm")
+
+    def companion(self) -> "LayerAudit":
+        """The same audit of the original itself, run in a reduced dtype: its outputs, centred,
+        against the float32 original's, over every feature."""
+        return LayerAudit(self.layers, self.writers, None, False, centre_compared=True)
 
     def paths(self) -> list[str]:
         return self.layers + [w for group in self.writers for w in group]
@@ -94,6 +106,8 @@ class LayerAudit:
         """Fold one module's outputs on one batch into the running maxima."""
         centred = original - original.mean(-1, keepdim=True)
         maxima = self.maxima.setdefault(path, _Maxima())
+        if self.centre_compared:
+            converted = converted - converted.mean(-1, keepdim=True)
         compared = converted[..., : self.width]
         maxima.diff = _max(maxima.diff, (compared - centred[..., : self.width]).abs().max())
         maxima.scale = _max(maxima.scale, centred.abs().max())
@@ -103,19 +117,25 @@ class LayerAudit:
             rms = full.pow(2).mean(-1).sqrt().clamp_min(1e-30)
             maxima.mean_over_rms = _max(maxima.mean_over_rms, (full.mean(-1).abs() / rms).max())
 
-    def result(self, tolerance: float) -> dict:
-        """``per_layer`` entries, ``first_bad_layer`` (relative Δ over ``tolerance``) and, for that
-        layer, its worst writer."""
-        per_layer = [
-            {
+    def result(self, tolerance: float, original: "LayerAudit | None" = None, own_error_margin: float = 1.0) -> dict:
+        """``per_layer`` entries, ``first_bad_layer`` (relative Δ over the layer's tolerance) and,
+        for that layer, its worst writer. A layer's tolerance is the ``original``'s own
+        reduced-dtype error at that layer times ``own_error_margin`` where there is one, else
+        ``tolerance`` (not the larger of the two: a reduced dtype's logit bar includes the measured
+        cost of rounding the stored tensors, which a tampered tensor inflates)."""
+        per_layer = []
+        for index, path in enumerate(self.layers):
+            if path not in self.maxima:
+                continue
+            own = original.maxima[path].relative() if original is not None and path in original.maxima else None
+            per_layer.append({
                 "layer": index,
                 "mean_over_rms": self.maxima[path].mean_over_rms,
                 "max_abs_diff": self.maxima[path].relative(),
-            }
-            for index, path in enumerate(self.layers)
-            if path in self.maxima
-        ]
-        bad = next((entry["layer"] for entry in per_layer if not entry["max_abs_diff"] <= tolerance), None)
+                "original_in_dtype": own,
+                "tolerance": own_error_margin * own if own is not None and math.isfinite(own) and own > 0 else tolerance,
+            })
+        bad = next((entry["layer"] for entry in per_layer if not entry["max_abs_diff"] <= entry["tolerance"]), None)
         writer = None
         if bad is not None and self.writers[bad]:
             writer = max(self.writers[bad], key=lambda path: _sortable(self.maxima[path].relative()))

@@ -16,6 +16,10 @@ REDUCED_DTYPE_ERROR_RATIO = 1.5
 # within 1.5x of an error give a KL within 1.5² of that error's
 KL_MARGIN = REDUCED_DTYPE_ERROR_RATIO**2
 REDUCED_DTYPE_TOP1_SLACK = 0.05
+# a reduced dtype's per-layer audit: the converted model's layer carries the dtype's rounding of its
+# activations, as the original run in that dtype does, and that of its rewritten weights, which the
+# original's stored weights never had: twice the original's own error at that layer, with the margin
+LAYER_OWN_ERROR_MARGIN = REDUCED_DTYPE_ERROR_RATIO * 2
 # float32: the bar never drops below this fraction of the logit scale, nor a KL of FLOAT32_KL_FLOOR
 # (nor does a reduced dtype's KL bar)
 FLOAT32_RELATIVE_FLOOR = 1e-5

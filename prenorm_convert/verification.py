@@ -45,7 +45,7 @@ from .rounded_weights import rounded_weights_error
 from .memory_plan import STREAMED_GREEDY_PROMPTS, STREAMED_GREEDY_TOKENS, MemoryPlan, batch_sizes, plan_memory
 from .model_io import audio_feature_inputs, audio_inputs, folder_loader, image_inputs
 from .streaming import Offload, SpilledOutputs
-from .tolerances import Tolerances, dtype_name
+from .tolerances import LAYER_OWN_ERROR_MARGIN, Tolerances, dtype_name
 
 
 # -- loading ---------------------------------------------------------------------------------
@@ -236,31 +236,33 @@ def _raised_by(exc: BaseException, package_init: str) -> bool:
     return owner == "theirs"
 
 
-def paired_logits(session: _Session, reference_model, candidate_model, audit: LayerAudit | None):
-    """Both models' logits on every batch, each batch run by both in turn, the per-layer audit
-    comparing their audited outputs as the converted model produces them (the original's are held
-    for one batch: in memory, or on disk when streamed)."""
-    if audit is None:
+def paired_logits(session: _Session, reference_model, runs: list[tuple[object, str, LayerAudit | None]]) -> list[list[torch.Tensor]]:
+    """The logits of the reference and of every model of ``runs`` ((model, what it is, its audit))
+    on every batch, each batch run by each model in turn, each audit comparing its model's audited
+    outputs with the reference's as they are produced (the reference's are held for one batch: in
+    memory, or on disk when streamed). Without audits, each model runs every batch in turn."""
+    if any(audit is None for _, _, audit in runs):
         with _original_runs(reference_model):
             reference = session.logits(reference_model, "running the original")
-        return reference, session.logits(candidate_model, "running the converted model")
-    reference, candidate = [], []
+        return [reference] + [session.logits(model, f"running {what}") for model, what, _ in runs]
+    outputs: list[list[torch.Tensor]] = [[] for _ in range(1 + len(runs))]
     prompts = sum(len(lengths) for _, lengths in session.batches)
-    with session.passes(f"comparing logits and every layer's output on {prompts} prompts", [reference_model, candidate_model]) as advance:
+    models = [reference_model] + [model for model, _, _ in runs]
+    with session.passes(f"comparing logits and every layer's output on {prompts} prompts", models) as advance:
         for ids, lengths in session.batches:
             held = SpilledOutputs() if session.memory.streamed else {}
             try:
                 with _original_runs(reference_model):
-                    logits = audit.record(reference_model, ids, held.__setitem__)
-                reference += per_prompt(logits, lengths)
+                    outputs[0] += per_prompt(runs[0][2].record(reference_model, ids, held.__setitem__), lengths)
                 advance()
-                compare = lambda path, output: audit.compare(path, held[path], output)  # noqa: E731
-                candidate += per_prompt(audit.record(candidate_model, ids, compare), lengths)
-                advance()
+                for index, (model, _, audit) in enumerate(runs, start=1):
+                    compare = lambda path, output, audit=audit: audit.compare(path, held[path], output)  # noqa: E731
+                    outputs[index] += per_prompt(audit.record(model, ids, compare), lengths)
+                    advance()
             finally:
                 if isinstance(held, SpilledOutputs):
                     held.close()
-    return reference, candidate
+    return outputs
 
 
 def verify(
@@ -352,8 +354,13 @@ def _measure(session: _Session, spec, tolerances: Tolerances, dtype: torch.dtype
     session.batch(prompts)
     audit = LayerAudit.for_spec(spec, reference_model.config, candidate_model.config.prenorm)
     session.layers = audit.layers if audit is not None else []
+    runs = [(candidate_model, "the converted model", audit)]
+    reduced_original = None
+    if dtype not in (torch.float32, torch.float64):  # its own error in the dtype: the reduced-dtype bars' basis
+        reduced_original = session.original_model(dtype)
+        runs.append((reduced_original, f"the original in {dtype_name(dtype)}", audit and audit.companion()))
     with residual_mean_max(candidate_model) as residual_means:
-        reference, candidate = paired_logits(session, reference_model, candidate_model, audit)
+        reference, candidate, *companion = paired_logits(session, reference_model, runs)
     measured = {
         "reference": reference,
         "metrics": compare_logits(reference, candidate),
@@ -364,10 +371,9 @@ def _measure(session: _Session, spec, tolerances: Tolerances, dtype: torch.dtype
         "params": params,
         "non_finite": {"original": non_finite_parameters(reference_model), "converted": non_finite_parameters(candidate_model)},
     }
-    reduced_original = None
-    if dtype not in (torch.float32, torch.float64):
-        reduced_original = session.original_model(dtype)
-        measured["original_error"] = compare_logits(reference, session.logits(reduced_original, f"running the original in {dtype_name(dtype)}"))
+    if reduced_original is not None:
+        measured["original_error"] = compare_logits(reference, companion[0])
+        measured["original_audit"] = runs[1][2]
     measured["greedy"] = _greedy_matches(session, reduced_original or reference_model, candidate_model, greedy_prompts, tolerances.greedy_tokens)
     del candidate_model, reduced_original
     session.release(params["params_original"])
@@ -455,7 +461,7 @@ def _report(measured: dict, tolerances: Tolerances, dtype: torch.dtype, source, 
     limits = tolerances.resolve(dtype, scale, original_error, measured.get("weights_error"), float32_error, near_ties)
     failures = _failures(measured, limits, scale)
     audit, greedy_run = measured["audit"], measured["greedy"]
-    layers = audit.result(limits["max_abs_logit_diff"] / max(scale, 1e-30)) if audit is not None else {}
+    layers = audit.result(limits["max_abs_logit_diff"] / max(scale, 1e-30), measured.get("original_audit"), LAYER_OWN_ERROR_MARGIN) if audit is not None else {}
     report = {
         **metrics,
         "relative_max_abs_logit_diff": metrics["max_abs_logit_diff"] / max(scale, 1e-30),

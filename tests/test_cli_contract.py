@@ -66,10 +66,8 @@ def test_an_internal_error_has_its_own_exit_code_and_saves_the_traceback(gpt2_di
     assert snapshot(parent) == {}
 
 
-@pytest.mark.parametrize("error", [IndexError("tuple index out of range"), torch.OutOfMemoryError("out of memory")], ids=["our-hook", "oom"])
-def test_an_error_of_ours_inside_the_originals_forward_is_not_blamed_on_the_checkpoint(gpt2_dir, tmp_path, monkeypatch, error):
-    """The per-layer audit's hooks run inside the original's forward pass: an error raised there (or
-    running out of memory) is an internal error (exit 3), not "the original model does not run" (2)."""
+def _verify_with_an_error_in_the_audit(gpt2_dir, tmp_path, monkeypatch, error):
+    """verify, with ``error`` raised by the per-layer audit's hooks, inside the original's forward."""
     from prenorm_convert import layer_audit
 
     def broken(output):
@@ -78,10 +76,36 @@ def test_an_error_of_ours_inside_the_originals_forward_is_not_blamed_on_the_chec
     out = tmp_path / "out"
     assert run_cli("convert", gpt2_dir, out, "--quiet", "--no-verify").exit_code == 0
     monkeypatch.setattr(layer_audit, "_output", broken)
-    result = run_cli("verify", gpt2_dir, out, "--quiet")
+    return run_cli("verify", gpt2_dir, out, "--quiet")
+
+
+def test_an_error_of_ours_inside_the_originals_forward_is_not_blamed_on_the_checkpoint(gpt2_dir, tmp_path, monkeypatch):
+    """The per-layer audit's hooks run inside the original's forward pass: an error raised there is
+    an internal error (exit 3), not "the original model does not run" (2)."""
+    result = _verify_with_an_error_in_the_audit(gpt2_dir, tmp_path, monkeypatch, IndexError("tuple index out of range"))
     assert result.exit_code == 3, result.stderr
-    assert "does not run in the installed transformers" not in result.stderr and type(error).__name__ in result.stderr
+    assert "does not run in the installed transformers" not in result.stderr and "IndexError" in result.stderr
     Path(" ".join(result.stderr.split()).rsplit("saved to ", 1)[1].strip()).unlink()
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to allocate 8589934592 bytes"),
+        MemoryError(),
+    ],
+    ids=["accelerator", "cpu-allocator", "python"],
+)
+def test_running_out_of_memory_is_the_machines_limit_not_a_bug(gpt2_dir, tmp_path, monkeypatch, error):
+    """Out of memory anywhere (here inside the original's forward) is an environment error, as a
+    full disk is: exit 2, one line that says so and how to verify within less memory, no traceback
+    file, not blamed on the checkpoint."""
+    result = _verify_with_an_error_in_the_audit(gpt2_dir, tmp_path, monkeypatch, error)
+    assert result.exit_code == 2, result.stderr
+    line = " ".join(result.stderr.split())
+    assert line.startswith("error: ran out of memory") and "--max-memory SIZE" in line and "nothing was written" in line
+    assert "bug in prenorm-convert" not in line and "does not run in the installed transformers" not in line
 
 
 @pytest.mark.parametrize(

@@ -123,8 +123,9 @@ ENCODER_CASES = [
     Case("esm-absolute-untied", "esm", {"position_embedding_type": "absolute", "tie_word_embeddings": False}, inner_norms={"LayerNorm": 1}, bf16=False),
     # no head: the final norm is an output norm (last_hidden_state), read by the pooler (copied)
     Case("esm-model", "esm", bf16=False, auto_class="EsmModel"),
-    # the classifiers read the final norm (row 0 / every row): they are its readers
-    Case("esm-sequence-classifier", "esm", {"num_labels": 3}, bf16=False, auto_class="EsmForSequenceClassification"),
+    # the classifiers read the final norm (row 0 / every row): they are its readers; bf16: a pooled
+    # output averages away the layers' rounding, which the audit must not call a layer off
+    Case("esm-sequence-classifier", "esm", {"num_labels": 3}, auto_class="EsmForSequenceClassification"),
     Case("esm-token-classifier", "esm", {"num_labels": 5, "position_embedding_type": "absolute"}, bf16=False, auto_class="EsmForTokenClassification"),
     Case("clip_text", "clip_text_model"),
     # CLIPTextModel's config class and Auto class: both load in one process (modeling's from_pretrained)
@@ -133,8 +134,9 @@ ENCODER_CASES = [
     Case("whisper", "whisper"),
     # no head: both streams end in output norms (last_hidden_state, encoder_last_hidden_state)
     Case("whisper-model", "whisper", bf16=False, auto_class="WhisperModel"),
-    # the encoder alone, its stream centred at entry; the projector reads the final norm (before a mean)
-    Case("whisper-audio-classifier", "whisper", {"num_labels": 4, "classifier_proj_size": 24}, bf16=False, auto_class="WhisperForAudioClassification"),
+    # the encoder alone, its stream centred at entry; the projector reads the final norm (before a mean;
+    # bf16 as for the ESM sequence classifier)
+    Case("whisper-audio-classifier", "whisper", {"num_labels": 4, "classifier_proj_size": 24}, auto_class="WhisperForAudioClassification"),
 ]
 BY_ID = {case.id: case for case in CASES + ENCODER_CASES}
 TARGETS = {"rmsnorm": (), "fold-affine": ("--fold-affine",), "crmsnorm": ("--target", "crmsnorm")}

@@ -74,4 +74,5 @@ def test_a_wrong_rewrite_still_fails_in_bf16(bf16_sources, tmp_path, monkeypatch
     report = json.loads(result.stdout)
     assert report["rounded_weights"]["tensors_not_matching"] == []
     assert any(failure.startswith("max |Δlogit|") for failure in report["failures"]), report["failures"]
+    assert report["first_bad_layer"] == 0, report["per_layer"]  # the stream is off from the first layer on
     print(f"uncentred embeddings: max|Δ| {report['max_abs_logit_diff']:.3g} > tolerance {report['tolerances']['max_abs_logit_diff']:.3g}")
