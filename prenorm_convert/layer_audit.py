@@ -117,12 +117,11 @@ class LayerAudit:
             rms = full.pow(2).mean(-1).sqrt().clamp_min(1e-30)
             maxima.mean_over_rms = _max(maxima.mean_over_rms, (full.mean(-1).abs() / rms).max())
 
-    def result(self, tolerance: float, original: "LayerAudit | None" = None, own_error_margin: float = 1.0) -> dict:
+    def result(self, tolerance: float, original: "LayerAudit | None" = None, reduced_bound: Callable[[float], float] | None = None) -> dict:
         """``per_layer`` entries, ``first_bad_layer`` (relative Δ over the layer's tolerance) and,
-        for that layer, its worst writer. A layer's tolerance is the ``original``'s own
-        reduced-dtype error at that layer times ``own_error_margin`` where there is one, else
-        ``tolerance`` (not the larger of the two: a reduced dtype's logit bar includes the measured
-        cost of rounding the stored tensors, which a tampered tensor inflates)."""
+        for that layer, its worst writer. A layer's tolerance is ``tolerance``, or in a reduced dtype
+        ``reduced_bound`` of the ``original``'s own error at that layer (not the logit bar there: it
+        includes the measured cost of rounding the stored tensors, which a tampered tensor inflates)."""
         per_layer = []
         for index, path in enumerate(self.layers):
             if path not in self.maxima:
@@ -133,7 +132,7 @@ class LayerAudit:
                 "mean_over_rms": self.maxima[path].mean_over_rms,
                 "max_abs_diff": self.maxima[path].relative(),
                 "original_in_dtype": own,
-                "tolerance": own_error_margin * own if own is not None and math.isfinite(own) and own > 0 else tolerance,
+                "tolerance": reduced_bound(own) if reduced_bound is not None and own is not None and math.isfinite(own) else tolerance,
             })
         bad = next((entry["layer"] for entry in per_layer if not entry["max_abs_diff"] <= entry["tolerance"]), None)
         writer = None

@@ -16,10 +16,14 @@ REDUCED_DTYPE_ERROR_RATIO = 1.5
 # within 1.5x of an error give a KL within 1.5² of that error's
 KL_MARGIN = REDUCED_DTYPE_ERROR_RATIO**2
 REDUCED_DTYPE_TOP1_SLACK = 0.05
-# a reduced dtype's per-layer audit: the converted model's layer carries the dtype's rounding of its
-# activations, as the original run in that dtype does, and that of its rewritten weights, which the
-# original's stored weights never had: twice the original's own error at that layer, with the margin
+# a reduced dtype's per-layer audit (reduced_layer_tolerance): the converted model's layer carries the
+# dtype's rounding of its activations, as the original run in that dtype does, and that of its
+# rewritten weights, which the original's stored weights never had: twice the original's own error
+# at that layer, with the margin; and never less than a few units of the dtype's resolution at the
+# layer's largest value, where two correct models that round differently differ by an ulp or two
+# whatever the original's own error there happened to be
 LAYER_OWN_ERROR_MARGIN = REDUCED_DTYPE_ERROR_RATIO * 2
+LAYER_RESOLUTION_ULPS = 3
 # float32: the bar never drops below this fraction of the logit scale, nor a KL of FLOAT32_KL_FLOOR
 # (nor does a reduced dtype's KL bar)
 FLOAT32_RELATIVE_FLOOR = 1e-5
@@ -104,6 +108,12 @@ class Tolerances:
             "float64 self (original_float32_error); the top token may differ only where the reference's top two "
             "logits are closer than twice that",
         }
+
+
+def reduced_layer_tolerance(dtype: torch.dtype, original_error: float) -> float:
+    """The bound on a layer's relative error in a reduced dtype, from the original's own error at
+    that layer in the dtype (docs/report.md "Per-layer audit")."""
+    return max(LAYER_OWN_ERROR_MARGIN * original_error, LAYER_RESOLUTION_ULPS * torch.finfo(dtype).eps)
 
 
 def dtype_cost_of(original_error: dict, weights_error: dict | None) -> dict:

@@ -14,6 +14,7 @@ import logging
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -45,7 +46,7 @@ from .rounded_weights import rounded_weights_error
 from .memory_plan import STREAMED_GREEDY_PROMPTS, STREAMED_GREEDY_TOKENS, MemoryPlan, batch_sizes, plan_memory
 from .model_io import audio_feature_inputs, audio_inputs, folder_loader, image_inputs
 from .streaming import Offload, SpilledOutputs
-from .tolerances import LAYER_OWN_ERROR_MARGIN, Tolerances, dtype_name
+from .tolerances import Tolerances, dtype_name, reduced_layer_tolerance
 
 
 # -- loading ---------------------------------------------------------------------------------
@@ -461,7 +462,8 @@ def _report(measured: dict, tolerances: Tolerances, dtype: torch.dtype, source, 
     limits = tolerances.resolve(dtype, scale, original_error, measured.get("weights_error"), float32_error, near_ties)
     failures = _failures(measured, limits, scale)
     audit, greedy_run = measured["audit"], measured["greedy"]
-    layers = audit.result(limits["max_abs_logit_diff"] / max(scale, 1e-30), measured.get("original_audit"), LAYER_OWN_ERROR_MARGIN) if audit is not None else {}
+    reduced_bound = partial(reduced_layer_tolerance, dtype) if original_error is not None else None
+    layers = audit.result(limits["max_abs_logit_diff"] / max(scale, 1e-30), measured.get("original_audit"), reduced_bound) if audit is not None else {}
     report = {
         **metrics,
         "relative_max_abs_logit_diff": metrics["max_abs_logit_diff"] / max(scale, 1e-30),

@@ -7,7 +7,8 @@ trained model's (LayerNorm γ far from 1, some near 0 or negative, large β; emb
 large common mean and a few ×50 outlier feature columns; large linear biases), stores it in the
 variant's dtype (float32, bfloat16, float16) and format (sharded safetensors, or pytorch_model.bin),
 converts it with the CLI to every target, and records the exit code, whether the report passed,
-the relative max |Δlogit| and any traceback. A variant marked `refused` must exit 2 with a message.
+the relative max |Δlogit|, the per-layer audit's first layer off and any traceback. A variant marked
+`refused` must exit 2 with a message; any other must pass with no layer named off.
 
     python scripts/sweep_unseen_configs.py [--jobs 2] [--only SUBSTRING ...] [--targets rmsnorm,fold-affine,crmsnorm]
         [--workdir DIR] [--json results.json] [--plain]   # --plain: the examples' perturbation only
@@ -139,6 +140,11 @@ VARIANTS = [
     # --- CLIP text
     V("clip_text-w40-h5-quickgelu", "clip_text_model", {"hidden_size": 40, "num_attention_heads": 5, "hidden_act": "quick_gelu"}),
     V("clip_text-proj-w72-h6-fp16", "clip_text_model", {"hidden_size": 72, "num_attention_heads": 6, "projection_dim": 24}, dtype="float16", auto_class="CLIPTextModelWithProjection"),
+    # --- pooled classifiers in reduced dtypes: their logits average away the layers' rounding
+    V("esm-seqcls-w72-h6-bf16", "esm", {"hidden_size": 72, "num_attention_heads": 6, "num_labels": 2}, dtype="bfloat16", auto_class="EsmForSequenceClassification"),
+    V("esm-tokcls-w40-h5-absolute-fp16", "esm", {"hidden_size": 40, "num_attention_heads": 5, "num_labels": 7, "position_embedding_type": "absolute"}, dtype="float16", auto_class="EsmForTokenClassification"),
+    V("whisper-audiocls-w72-h6-bf16", "whisper", {"d_model": 72, "encoder_layers": 3, "encoder_attention_heads": 6, "num_labels": 5, "classifier_proj_size": 32}, dtype="bfloat16", auto_class="WhisperForAudioClassification"),
+    V("dinov2-classifier-w72-h6-bf16", "dinov2", {"hidden_size": 72, "num_attention_heads": 6, "num_labels": 3}, dtype="bfloat16", auto_class="Dinov2ForImageClassification"),
     # --- Whisper: other layer counts, widths, untied head
     V("whisper-enc1-dec3-w40-h5", "whisper", {"d_model": 40, "encoder_layers": 1, "decoder_layers": 3, "encoder_attention_heads": 5, "decoder_attention_heads": 5, "encoder_ffn_dim": 72, "decoder_ffn_dim": 100}),
     V("whisper-enc3-dec1-w72-untied-bf16", "whisper", {"d_model": 72, "encoder_layers": 3, "decoder_layers": 1, "encoder_attention_heads": 6, "decoder_attention_heads": 3}, dtype="bfloat16", tie=False),
@@ -236,6 +242,7 @@ def convert(src: Path, out: Path, target: str) -> dict:
         result.update(
             passed=report.get("passed"), rel=report.get("relative_max_abs_logit_diff"), failures=report.get("failures"),
             greedy=(report.get("greedy_match") or {}).get("identical"), dtype=report.get("dtype"),
+            first_bad_layer=report.get("first_bad_layer"),
         )
     stderr = done.stderr.strip()
     if done.returncode != 0:
@@ -255,7 +262,8 @@ def expected(variant: Variant, target: str) -> str:
 def verdict(variant: Variant, result: dict) -> bool:
     if expected(variant, result["target"]) == "refused":
         return result["rc"] == 2
-    return result["rc"] == 0 and bool(result.get("passed"))
+    # the per-layer audit must agree with the gate: a passing conversion has no layer off
+    return result["rc"] == 0 and bool(result.get("passed")) and result.get("first_bad_layer") is None
 
 
 def main() -> None:
@@ -304,6 +312,8 @@ def main() -> None:
                     detail = f"rc={r['rc']}"
                     if r.get("rel") is not None:
                         detail += f" rel={r['rel']:.1e}"
+                    if r.get("first_bad_layer") is not None:
+                        detail += f" layer {r['first_bad_layer']} off"
                     if r["expected"] == "refused":
                         detail += " (refusal expected)"
                     cells.append(f"{mark} {detail}")
@@ -313,7 +323,7 @@ def main() -> None:
     print(f"\n{len(rows)} variants, {len(results)} conversions, {len(results) - len(failed)} as expected, "
           f"{len(failed)} not, {sum('build_error' in row for row in rows)} not buildable", flush=True)
     for variant_id, r in failed:
-        print(f"\n## {variant_id} [{r['target']}] rc={r['rc']} passed={r.get('passed')} rel={r.get('rel')}")
+        print(f"\n## {variant_id} [{r['target']}] rc={r['rc']} passed={r.get('passed')} rel={r.get('rel')} first_bad_layer={r.get('first_bad_layer')}")
         if r.get("failures"):
             print("failures:", r["failures"])
         if r.get("message"):
