@@ -77,6 +77,35 @@ def top_two_margins(logits: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(margins)
 
 
+def largest_kl_within(logits: list[torch.Tensor], delta: float) -> float:
+    """The largest KL(reference ‖ candidate) that any candidate whose every logit is within ``delta``
+    of the reference's can have, over the positions of ``logits`` (the reference's), in float64.
+
+    With Δ = candidate − reference logits, KL = log E_p[e^Δ] − E_p[Δ], convex in Δ: over the box
+    |Δ_i| ≤ δ its maximum is at a vertex, Δ_i = ±δ, where it is f(P) = log(P e^δ + (1−P) e^−δ) −
+    δ(2P − 1), P the reference's probability on the +δ outputs. f is concave in P with its maximum at
+    P* = (sinh δ / δ − e^−δ) / (2 sinh δ); a set of outputs either holds the top one (P ≥ p_max) or
+    not (P ≤ 1 − p_max), so where P* falls between those, the maximum is at one of the two ends.
+    Near one-hot distributions (p_max → 1) allow almost none; at most δ²/2 (Hoeffding's lemma)."""
+    if not delta > 0 or not logits:
+        return 0.0 if delta == 0 or not logits else float(delta)  # NaN stays NaN
+    d = torch.tensor(float(delta), dtype=torch.float64)
+    if not torch.isfinite(d):
+        return float(delta)
+    p_star = (torch.sinh(d) / d - torch.exp(-d)) / (2 * torch.sinh(d))
+
+    def f(mass: torch.Tensor) -> torch.Tensor:
+        return torch.logaddexp(torch.log(mass) + d, torch.log1p(-mass) - d) - d * (2 * mass - 1)
+
+    largest = torch.zeros((), dtype=torch.float64)
+    for row in logits:
+        p_max = torch.softmax(row.to(torch.float64), dim=-1).amax(-1).clamp(0.5, 1.0)
+        in_gap = (p_star > 1 - p_max) & (p_star < p_max)
+        ends = torch.maximum(f(1 - p_max), f(p_max)).nan_to_num(0.0)  # p_max = 1: f(0) = f(1) = 0
+        largest = torch.maximum(largest, torch.where(in_gap, ends, f(p_star)).max())
+    return float(largest.clamp_min(0))
+
+
 @torch.no_grad()
 def greedy(model, prompt: torch.Tensor, new_tokens: int, pad_token_id: int) -> torch.Tensor:
     prompt = prompt.to(input_device(model))

@@ -59,29 +59,28 @@ class Tolerances:
         weights_error: dict | None = None,
         float32_error: dict | None = None,
         near_tie_fraction=None,
+        largest_kl_within=None,
     ) -> dict:
         """The limits applied (docs/report.md, "Default tolerances"). float32: ``float32_error`` is the
         original's own float32 run against its float64 self, and ``near_tie_fraction(gap)`` the share
-        of positions whose reference top two logits are within ``gap``."""
+        of positions whose reference top two logits are within ``gap``. A reduced dtype:
+        ``largest_kl_within(δ)`` the largest KL any logits within δ of the reference's can have."""
         if dtype == torch.float32 or dtype == torch.float64:
             return self._resolve_float32(logit_scale, float32_error, near_tie_fraction)
         assert original_error is not None
         dtype_cost = dtype_cost_of(original_error, weights_error)
+        max_abs = self.max_abs_logit_diff
+        if max_abs is None:
+            max_abs = REDUCED_DTYPE_ERROR_RATIO * dtype_cost["max_abs_logit_diff"]
         return {
-            "max_abs_logit_diff": self.max_abs_logit_diff
-            if self.max_abs_logit_diff is not None
-            else REDUCED_DTYPE_ERROR_RATIO * dtype_cost["max_abs_logit_diff"],
-            # KL is quadratic in small logit differences: the margin on |Δlogit| is squared for it. Never
-            # stricter than the float32 bar: on near one-hot distributions every KL is noise far below
-            # it, and the ratio of two such noises says nothing about the rewrite
-            "max_kl": self.max_kl
-            if self.max_kl is not None
-            else _floored(KL_MARGIN * dtype_cost["max_kl_divergence"], FLOAT32_KL_FLOOR),
+            "max_abs_logit_diff": max_abs,
+            "max_kl": self.max_kl if self.max_kl is not None else _reduced_dtype_kl_bar(dtype_cost, max_abs, largest_kl_within),
             "min_top1": self.min_top1 if self.min_top1 is not None else dtype_cost["top1_agreement"] - REDUCED_DTYPE_TOP1_SLACK,
             "require_greedy_match": False if self.require_greedy_match is None else self.require_greedy_match,
             "basis": f"{dtype_name(dtype)}: no more than {REDUCED_DTYPE_ERROR_RATIO}x what the dtype costs: the original "
             f"model's own {dtype_name(dtype)} error against its float32 self, plus what rounding the rewritten tensors "
-            f"to {dtype_name(dtype)} costs (rounded_weights); {KL_MARGIN:g}x for KL, which is quadratic in logit differences",
+            f"to {dtype_name(dtype)} costs (rounded_weights); {KL_MARGIN:g}x for KL, which is quadratic in logit differences, "
+            "and never below the largest KL that logits within the |Δlogit| bar can give on these positions",
         }
 
     def _resolve_float32(self, logit_scale: float, float32_error: dict | None, near_tie_fraction) -> dict:
@@ -108,6 +107,18 @@ class Tolerances:
             "float64 self (original_float32_error); the top token may differ only where the reference's top two "
             "logits are closer than twice that",
         }
+
+
+def _reduced_dtype_kl_bar(dtype_cost: dict, max_abs: float, largest_kl_within) -> float:
+    """KL is quadratic in small logit differences: the margin on |Δlogit| is squared for it. Never
+    stricter than the float32 bar: on near one-hot distributions every KL is noise far below it, and
+    the ratio of two such noises says nothing about the rewrite. Nor than the largest KL that logits
+    within the |Δlogit| bar can give on these positions: the original's own error can be mostly a
+    shift of every logit, which softmax ignores, and a correct conversion's rounding need not be one
+    (docs/report.md "Default tolerances")."""
+    bar = _floored(KL_MARGIN * dtype_cost["max_kl_divergence"], FLOAT32_KL_FLOOR)
+    implied = largest_kl_within(max_abs) if largest_kl_within is not None else 0.0
+    return bar if math.isnan(bar) or not implied > bar else implied
 
 
 def reduced_layer_tolerance(dtype: torch.dtype, original_error: float) -> float:

@@ -31,6 +31,7 @@ from .metrics import (
     batch_logits,
     compare_logits,
     greedy,
+    largest_kl_within,
     logit_scale,
     non_finite_failures,
     non_finite_parameters,
@@ -459,7 +460,8 @@ def _report(measured: dict, tolerances: Tolerances, dtype: torch.dtype, source, 
     original_error, float32_error = measured.get("original_error"), measured.get("float32_error")
     margins = top_two_margins(reference) if float32_error is not None else None
     near_ties = (lambda gap: float((margins <= gap).double().mean())) if margins is not None else None
-    limits = tolerances.resolve(dtype, scale, original_error, measured.get("weights_error"), float32_error, near_ties)
+    largest_kl = (lambda delta: largest_kl_within(reference, delta)) if original_error is not None else None
+    limits = tolerances.resolve(dtype, scale, original_error, measured.get("weights_error"), float32_error, near_ties, largest_kl)
     failures = _failures(measured, limits, scale)
     audit, greedy_run = measured["audit"], measured["greedy"]
     reduced_bound = partial(reduced_layer_tolerance, dtype) if original_error is not None else None

@@ -164,6 +164,59 @@ def test_a_reduced_dtype_kl_bar_is_never_stricter_than_the_float32_one(dtype):
     assert Tolerances().resolve(dtype, 10.0, {**own, "max_kl_divergence": 1e-4}, rounded)["max_kl"] > 1e-4
 
 
+@pytest.mark.parametrize("classes", [2, 3, 8])
+@pytest.mark.parametrize("scale", [0.1, 3.0, 40.0], ids=["flat", "spread", "peaked"])
+def test_the_largest_kl_within_a_logit_bar_bounds_every_candidate_and_is_reached(classes, scale):
+    """float64: no candidate whose logits are all within δ of the reference's has a larger KL than
+    largest_kl_within(δ) (every ±δ vertex tried, the maximum of a convex function over the box, and
+    random points inside it), which is never above Hoeffding's δ²/2. With a few outputs the sets of
+    outputs cannot hold every probability the bound allows for; with more, the best vertex comes
+    within 5% of it."""
+    import itertools
+
+    from prenorm_convert.metrics import compare_logits, largest_kl_within
+
+    generator = torch.Generator().manual_seed(classes)
+    reference = torch.randn(12, classes, generator=generator, dtype=torch.float64) * scale
+    for delta in (1e-3, 0.2, 3.0):
+        bound = largest_kl_within([reference], delta)
+        vertices = [compare_logits([reference], [reference + delta * torch.tensor(signs, dtype=torch.float64)])["max_kl_divergence"]
+                    for signs in itertools.product((-1.0, 1.0), repeat=classes)]
+        inside = [compare_logits([reference], [reference + delta * (2 * torch.rand(reference.shape, generator=generator, dtype=torch.float64) - 1)])["max_kl_divergence"]
+                  for _ in range(10)]
+        slack = 1e-6 * bound + 1e-15  # compare_logits' own float64 rounding of a KL of 1e-9
+        assert max(vertices + inside) <= bound + slack and bound <= delta * delta / 2 * (1 + 1e-12)
+        if classes >= 8:
+            assert max(vertices) >= 0.95 * bound, (delta, max(vertices), bound)
+
+
+def test_near_one_hot_outputs_allow_almost_no_kl_and_a_nan_bar_stays_nan():
+    from prenorm_convert.metrics import largest_kl_within
+
+    one_hot = torch.tensor([[0.0, 3000.0, -200.0]], dtype=torch.float64)
+    assert largest_kl_within([one_hot], 6.0) == 0.0 and largest_kl_within([one_hot], 0.0) == 0.0
+    assert math.isnan(largest_kl_within([one_hot], math.nan))
+
+
+def test_a_reduced_dtype_kl_bar_allows_what_logits_within_the_logit_bar_can_give():
+    """Found by scripts/sweep_unseen_configs.py on a correct bf16 Dinov2ForImageClassification with
+    trained-like weights (3 labels, 4 images): the original's own bf16 error was mostly a shift of the
+    logits (max |Δ| 3.1e-3, max KL 2.9e-7), the converted model's was not (max |Δ| 4.0e-3, within
+    its 5.6e-3 bar; max KL 2.67e-6), and 2.25 x the cost's KL (1.16e-6) failed it. Logits within
+    the |Δlogit| bar can give up to largest_kl_within(bar): the KL bar is never below that."""
+    from prenorm_convert.metrics import largest_kl_within
+    from prenorm_convert.tolerances import Tolerances
+
+    own = {"max_abs_logit_diff": 3.1e-3, "max_kl_divergence": 2.9e-7, "top1_agreement": 1.0}
+    rounded = {"max_abs_logit_diff": 6.1e-4, "max_kl_divergence": 3.2e-8, "top1_agreement": 1.0}
+    reference = [torch.tensor([[0.9, -0.4, 1.9], [1.2, 0.3, -0.8]], dtype=torch.float64)]  # a 3-label classifier's scale
+    limits = Tolerances().resolve(torch.bfloat16, 2.0, own, rounded, largest_kl_within=lambda delta: largest_kl_within(reference, delta))
+    bar = 1.5 * (3.1e-3 + 6.1e-4)
+    assert limits["max_abs_logit_diff"] == pytest.approx(bar), "the |Δlogit| bar is unchanged"
+    assert limits["max_kl"] == pytest.approx(largest_kl_within(reference, bar)) and limits["max_kl"] > 2.67e-6
+    assert Tolerances(max_kl=1e-6).resolve(torch.bfloat16, 2.0, own, rounded, largest_kl_within=lambda delta: 1.0)["max_kl"] == 1e-6
+
+
 def test_kl_bars_square_the_logit_margin():
     """KL is quadratic in small logit differences: the 1.5x margin on |Δlogit| is 1.5² on KL."""
     from prenorm_convert.tolerances import Tolerances
