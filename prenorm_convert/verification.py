@@ -345,8 +345,9 @@ def _checked_pair(original, converted, revision, token, allow_pickle: bool, repo
 
 
 def _measure(session: _Session, spec, tolerances: Tolerances, dtype: torch.dtype, prompt_lines) -> dict:
-    """Every measurement of the report, the models loaded and dropped in turn (at most the float32
-    original and the converted model, or two models of the reduced dtype's run, at a time)."""
+    """Every measurement of the report, the models loaded and dropped in turn: at most the float32
+    original, the converted model and, in a reduced dtype, the original in that dtype at a time (8
+    bytes per parameter for bf16/fp16, as the float64 original of a float32 run)."""
     with session.reporter.step("loading the original and the converted model"):
         reference_model = session.original_model(torch.float32)
         candidate_model = session.converted_model(dtype)

@@ -10,7 +10,8 @@ converts it with the CLI to every target, and records the exit code, whether the
 the relative max |Δlogit|, the per-layer audit's first layer off and any traceback. A variant marked
 `refused` must exit 2 with a message; any other must pass with no layer named off.
 
-    python scripts/sweep_unseen_configs.py [--jobs 2] [--only SUBSTRING ...] [--targets rmsnorm,fold-affine,crmsnorm]
+    python scripts/sweep_unseen_configs.py [--jobs 2] [--only SUBSTRING ...] [--dtypes float32,bfloat16,float16]
+        [--targets rmsnorm,fold-affine,crmsnorm]
         [--workdir DIR] [--json results.json] [--plain]   # --plain: the examples' perturbation only
 
 Prints a markdown table; a row is OK when every target gives the expected result.
@@ -270,6 +271,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--only", nargs="*", default=[])
+    parser.add_argument("--dtypes", default=None, help="comma-separated: only the variants stored in these (float32,bfloat16,float16)")
     parser.add_argument("--targets", default=",".join(TARGETS))
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--json", default=None)
@@ -277,6 +279,8 @@ def main() -> None:
     args = parser.parse_args()
     targets = args.targets.split(",")
     variants = [v for v in VARIANTS if not args.only or any(s in v.id for s in args.only)]
+    if args.dtypes:
+        variants = [v for v in variants if v.dtype in args.dtypes.split(",")]
     work = Path(args.workdir or tempfile.mkdtemp(prefix="prenorm-sweep-"))
     work.mkdir(parents=True, exist_ok=True)
     rows = []
