@@ -75,8 +75,15 @@ def check_resized_forward(model: nn.Module, plan) -> None:
         forward()
     except Exception:  # noqa: BLE001 - the stock model is not traceable this way; nothing to compare
         return
-    with torch.device("meta"):
-        apply_prenorm_swaps(model, swaps_block(plan))
+    # the new modules in the model's dtype, as from_pretrained builds them (a float32 norm in a bf16
+    # model would hand float32 to the bf16 module that reads it, which the loaded model never does)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(model.dtype if model.dtype.is_floating_point else previous)
+    try:
+        with torch.device("meta"):
+            apply_prenorm_swaps(model, swaps_block(plan))
+    finally:
+        torch.set_default_dtype(previous)
     try:
         forward()
     except (RuntimeError, ValueError, IndexError, TypeError) as exc:

@@ -146,6 +146,13 @@ VARIANTS = [
     V("esm-tokcls-w40-h5-absolute-fp16", "esm", {"hidden_size": 40, "num_attention_heads": 5, "num_labels": 7, "position_embedding_type": "absolute"}, dtype="float16", auto_class="EsmForTokenClassification"),
     V("whisper-audiocls-w72-h6-bf16", "whisper", {"d_model": 72, "encoder_layers": 3, "encoder_attention_heads": 6, "num_labels": 5, "classifier_proj_size": 32}, dtype="bfloat16", auto_class="WhisperForAudioClassification"),
     V("dinov2-classifier-w72-h6-bf16", "dinov2", {"hidden_size": 72, "num_attention_heads": 6, "num_labels": 3}, dtype="bfloat16", auto_class="Dinov2ForImageClassification"),
+    # --- the other heads in reduced dtypes
+    V("vit-mim-16-p4-w40-stride4-bf16", "vit", {"hidden_size": 40, "num_attention_heads": 5, "image_size": 16, "patch_size": 4, "encoder_stride": 4}, dtype="bfloat16", auto_class="ViTForMaskedImageModeling"),
+    V("esm-model-w72-h6-fp16", "esm", {"hidden_size": 72, "num_attention_heads": 6}, dtype="float16", auto_class="EsmModel"),
+    V("whisper-model-enc2-dec2-w40-fp16", "whisper", {"d_model": 40, "encoder_attention_heads": 5, "decoder_attention_heads": 5}, dtype="float16", auto_class="WhisperModel"),
+    V("clip_text-w40-h5-bf16", "clip_text_model", {"hidden_size": 40, "num_attention_heads": 5}, dtype="bfloat16"),
+    V("dinov2-cls-swiglu-ls-w40-fp16", "dinov2", {"hidden_size": 40, "num_attention_heads": 5, "use_swiglu_ffn": True, "layerscale_value": 0.5, "num_labels": 6}, dtype="float16", auto_class="Dinov2ForImageClassification"),
+    V("vit-cls-w72-h6-fp16", "vit", {"hidden_size": 72, "num_attention_heads": 6, "num_labels": 2}, dtype="float16", auto_class="ViTForImageClassification"),
     # --- Whisper: other layer counts, widths, untied head
     V("whisper-enc1-dec3-w40-h5", "whisper", {"d_model": 40, "encoder_layers": 1, "decoder_layers": 3, "encoder_attention_heads": 5, "decoder_attention_heads": 5, "encoder_ffn_dim": 72, "decoder_ffn_dim": 100}),
     V("whisper-enc3-dec1-w72-untied-bf16", "whisper", {"d_model": 72, "encoder_layers": 3, "decoder_layers": 1, "encoder_attention_heads": 6, "decoder_attention_heads": 3}, dtype="bfloat16", tie=False),

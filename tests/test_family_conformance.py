@@ -233,6 +233,18 @@ def test_a_bf16_source_passes_the_default_bf16_gate(case, tmp_path):
     assert report["first_bad_layer"] is None, report["per_layer"]
 
 
+def test_a_bf16_masked_image_model_converts_to_crmsnorm(tmp_path):
+    """Its decoder convolution reads the output norm: planning's check forward built the swapped
+    norms in float32 inside the bf16 model, handed the convolution float32 and refused the
+    conversion as a width problem (found by scripts/sweep_unseen_configs.py)."""
+    src = tmp_path / "src"
+    _build(BY_ID["vit-mim"], src, dtype=torch.bfloat16)
+    result = run_cli("convert", src, tmp_path / "out", "--target", "crmsnorm", "--quiet", "--json", "-")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["passed"] and report["dtype"] == "bfloat16" and report["first_bad_layer"] is None
+
+
 def test_families_and_inspect_list_every_case(source):
     result = run_cli("families", "--json")
     assert result.exit_code == 0, result.stderr
