@@ -17,7 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import jsonout
-from .errors import SPELL_FOR_CLI, PrenormError
+from .errors import SPELL_FOR_CLI, PrenormError, is_out_of_memory
 
 def _flags_show_no_type() -> None:
     """typer's rich help prints a `<bool>` type beside every flag (--fold-affine, --help, ...), which reads
@@ -90,7 +90,7 @@ def _run(action: Callable[[], int | None]) -> None:
     except (typer.Exit, typer.Abort):
         raise
     except Exception as exc:  # a bug, not the input: its own exit code, never 1 ("does not match")
-        if _out_of_memory(exc):  # the machine, not a bug: an environment error, as a full disk is
+        if is_out_of_memory(exc):  # the machine, not a bug: an environment error, as a full disk is
             _error_line(
                 f"ran out of memory ({_first_line(exc)}); nothing was written. Free memory or use a larger machine; "
                 "a checkpoint larger than memory is verified with --max-memory SIZE (the weights streamed from "
@@ -107,14 +107,6 @@ def _run(action: Callable[[], int | None]) -> None:
         if main_thread:  # None: a handler installed outside Python, which SIG_DFL stands for
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
     raise typer.Exit(code)
-
-
-def _out_of_memory(exc: BaseException) -> bool:
-    """Python's MemoryError, torch's OutOfMemoryError (an accelerator's), or the RuntimeError
-    torch's CPU allocator raises when an allocation fails."""
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
-        return True
-    return isinstance(exc, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(exc)
 
 
 def _first_line(exc: BaseException) -> str:

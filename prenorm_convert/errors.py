@@ -58,3 +58,11 @@ class VerificationFailed(PrenormError):
         super().__init__(message)
         self.report = report
         self.written = written  # the output folder, when it was written all the same
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Python's MemoryError, torch's OutOfMemoryError (an accelerator's), or the RuntimeError torch's
+    CPU allocator raises when an allocation fails: the machine's limit, not the input's or a bug."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(exc, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(exc)

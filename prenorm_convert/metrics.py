@@ -87,11 +87,11 @@ def largest_kl_within(logits: list[torch.Tensor], delta: float) -> float:
     P* = (sinh δ / δ − e^−δ) / (2 sinh δ); a set of outputs either holds the top one (P ≥ p_max) or
     not (P ≤ 1 − p_max), so where P* falls between those, the maximum is at one of the two ends.
     Near one-hot distributions (p_max → 1) allow almost none; at most δ²/2 (Hoeffding's lemma)."""
-    if not delta > 0 or not logits:
-        return 0.0 if delta == 0 or not logits else float(delta)  # NaN stays NaN
+    if not logits or delta == 0:
+        return 0.0
+    if not 0 < delta < math.inf:
+        return float(delta)  # NaN stays NaN; an infinite bar allows any KL
     d = torch.tensor(float(delta), dtype=torch.float64)
-    if not torch.isfinite(d):
-        return float(delta)
     p_star = (torch.sinh(d) / d - torch.exp(-d)) / (2 * torch.sinh(d))
 
     def f(mass: torch.Tensor) -> torch.Tensor:

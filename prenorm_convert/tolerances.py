@@ -117,8 +117,7 @@ def _reduced_dtype_kl_bar(dtype_cost: dict, max_abs: float, largest_kl_within) -
     shift of every logit, which softmax ignores, and a correct conversion's rounding need not be one
     (docs/report.md "Default tolerances")."""
     bar = _floored(KL_MARGIN * dtype_cost["max_kl_divergence"], FLOAT32_KL_FLOOR)
-    implied = largest_kl_within(max_abs) if largest_kl_within is not None else 0.0
-    return bar if math.isnan(bar) or not implied > bar else implied
+    return _floored(bar, largest_kl_within(max_abs)) if largest_kl_within is not None else bar
 
 
 def reduced_layer_tolerance(dtype: torch.dtype, original_error: float) -> float:

@@ -24,7 +24,7 @@ from .checkpoint import converted_folder_config
 from .sizes import parse_size
 from .devices import placement
 from .digests import folder_digests
-from .errors import BadInputError, UnsupportedModelError
+from .errors import BadInputError, UnsupportedModelError, is_out_of_memory
 from .jsonout import finite_or_none
 from .layer_audit import LayerAudit
 from .metrics import (
@@ -209,7 +209,7 @@ def _original_runs(model) -> Iterator[None]:
     except (RuntimeError, ValueError, IndexError, TypeError) as exc:
         import transformers
 
-        if isinstance(exc, torch.OutOfMemoryError) or not _raised_by(exc, transformers.__file__):
+        if is_out_of_memory(exc) or not _raised_by(exc, transformers.__file__):
             raise  # out of memory, or raised by this tool's own code (its hooks, its inputs): not the checkpoint's
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise UnsupportedModelError(
@@ -358,10 +358,10 @@ def _measure(session: _Session, spec, tolerances: Tolerances, dtype: torch.dtype
     audit = LayerAudit.for_spec(spec, reference_model.config, candidate_model.config.prenorm)
     session.layers = audit.layers if audit is not None else []
     runs = [(candidate_model, "the converted model", audit)]
-    reduced_original = None
+    reduced_original = original_audit = None
     if dtype not in (torch.float32, torch.float64):  # its own error in the dtype: the reduced-dtype bars' basis
-        reduced_original = session.original_model(dtype)
-        runs.append((reduced_original, f"the original in {dtype_name(dtype)}", audit and audit.companion()))
+        reduced_original, original_audit = session.original_model(dtype), audit and audit.companion()
+        runs.append((reduced_original, f"the original in {dtype_name(dtype)}", original_audit))
     with residual_mean_max(candidate_model) as residual_means:
         reference, candidate, *companion = paired_logits(session, reference_model, runs)
     measured = {
@@ -376,7 +376,7 @@ def _measure(session: _Session, spec, tolerances: Tolerances, dtype: torch.dtype
     }
     if reduced_original is not None:
         measured["original_error"] = compare_logits(reference, companion[0])
-        measured["original_audit"] = runs[1][2]
+        measured["original_audit"] = original_audit
     measured["greedy"] = _greedy_matches(session, reduced_original or reference_model, candidate_model, greedy_prompts, tolerances.greedy_tokens)
     del candidate_model, reduced_original
     session.release(params["params_original"])

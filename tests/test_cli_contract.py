@@ -108,6 +108,23 @@ def test_running_out_of_memory_is_the_machines_limit_not_a_bug(gpt2_dir, tmp_pat
     assert "bug in prenorm-convert" not in line and "does not run in the installed transformers" not in line
 
 
+def test_running_out_of_memory_inside_transformers_code_is_not_blamed_on_the_checkpoint(gpt2_dir, tmp_path, monkeypatch):
+    """torch's CPU allocator raises a RuntimeError from the op transformers' code called: the
+    original's forward ran out of memory, it is not a model the installed transformers cannot run."""
+    from transformers.models.gpt2 import modeling_gpt2
+
+    def allocation_fails(self, hidden_states):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to allocate 8589934592 bytes")
+
+    out = tmp_path / "out"
+    assert run_cli("convert", gpt2_dir, out, "--quiet", "--no-verify").exit_code == 0
+    monkeypatch.setattr(modeling_gpt2.GPT2MLP, "forward", allocation_fails)
+    result = run_cli("verify", gpt2_dir, out, "--quiet")
+    assert result.exit_code == 2, result.stderr
+    line = " ".join(result.stderr.split())
+    assert line.startswith("error: ran out of memory") and "does not run in the installed transformers" not in line
+
+
 @pytest.mark.parametrize(
     "arguments, words",
     [
